@@ -1,0 +1,269 @@
+// fastattn::bwd on the CPU: fused softmax attention, backward.
+//
+// Given dout, q, k, v, out and lse (from fastattn::fwd), computes dq, dk, dv for the same
+// contract as the forward (full / causal / sliding window, GQA/MQA, key padding, Nq != Nk,
+// fp32 / fp64 / bf16 / fp16, head dims 1..256, strided inputs). Scores are recomputed from lse
+// (P = 2^(scale * log2(e) * S - lse * log2(e))), never stored:
+//
+//   pre-pass: delta = rowsum(dout * out); q^T and dout^T packed once (O(N * D) memory)
+//   pass 1, parallel over key blocks j (each owns dk_j, dv_j):
+//     dv_j = sum_i P_ij^T dout_i,  dk_j = scale * sum_i dS_ij^T q_i
+//   pass 2, parallel over query blocks i (owns dq_i):
+//     dq_i = scale * sum_j dS_ij k_j
+//   with dS = P * (dP - delta), dP = dout v^T.
+//
+// Tiles are computed transposed (S^T = k q^T, dP^T = v dout^T), as in the forward. Each pass
+// writes only the blocks it owns, so there are no atomics and results are bitwise deterministic;
+// pass 1 sums over the query heads of a GQA group in a fixed order. Both passes visit only the
+// blocks inside the window (cost ~ N * window).
+//
+// Not supported: a gradient flowing into lse (it is returned as non-differentiable).
+#include "cpu/attention_tiles.h"  // first: selects at::vec's ISA
+
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "attention_api.h"
+
+namespace fastattn::cpu {
+namespace {
+
+// dst rows = multiplier * src rows, converted to the output dtype.
+template <typename acc_t, typename scalar_t>
+inline void unpack_rows(acc_t* src, int64_t ld, int64_t rows, int64_t cols, acc_t multiplier,
+                        scalar_t* dst, int64_t dst_row_stride) {
+  using Vec = Vectorized<acc_t>;
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t* row = src + r * ld;
+    for (int64_t c = 0; c < ld; c += Vec::size()) (Vec::loadu(row + c) * Vec(multiplier)).store(row + c);
+    at::vec::convert(row, dst + r * dst_row_stride, cols);
+  }
+}
+
+// Per query row of the whole problem: q^T and dout^T (for each (batch, head) a [D x Nq_pad] and
+// a [Dv x Nq_pad] block), delta and lse * log2(e). Queries past Nq (up to Nq_pad, whole query
+// blocks) are padding: q^T = dout^T = 0, delta = 0 and lse_log2 = +inf, so their P is 0.
+// lse_log2 is +inf also for rows that saw no key in the forward (lse = -inf).
+template <typename acc_t>
+struct QueryRows {
+  int64_t length, head_dim, head_dim_v;  // length = Nq_pad
+  std::vector<acc_t> q_t, dout_t, delta, lse_log2;
+
+  QueryRows(const AttentionParams& p)
+      : length(ceil_div(p.seqlen_q, kBlockQueries) * kBlockQueries), head_dim(p.head_dim),
+        head_dim_v(p.head_dim_v), q_t(p.batch * p.heads_q * head_dim * length),
+        dout_t(p.batch * p.heads_q * head_dim_v * length), delta(p.batch * p.heads_q * length, acc_t(0)),
+        lse_log2(p.batch * p.heads_q * length, std::numeric_limits<acc_t>::infinity()) {}
+
+  // Pointers to the column / entry of query row0 of (batch, head) = batch_head.
+  acc_t* q_t_at(int64_t batch_head, int64_t row0) { return q_t.data() + batch_head * head_dim * length + row0; }
+  acc_t* dout_t_at(int64_t batch_head, int64_t row0) {
+    return dout_t.data() + batch_head * head_dim_v * length + row0;
+  }
+  acc_t* delta_at(int64_t batch_head, int64_t row0) { return delta.data() + batch_head * length + row0; }
+  acc_t* lse_log2_at(int64_t batch_head, int64_t row0) { return lse_log2.data() + batch_head * length + row0; }
+};
+
+// The buffers of one thread: packed rows of q, dout, k, v where the inputs cannot be used in
+// place, the S^T / P^T and dP^T / dS^T tiles, the gradient accumulators, and one tile's
+// contribution to them.
+template <typename acc_t>
+struct Workspace {
+  int64_t d_pad, dv_pad;
+  std::vector<acc_t> q, dout, k, v, probs_t, dscores_t, grad_k_or_q, grad_v, tile_grad;
+
+  Workspace(int64_t D, int64_t Dv)
+      : d_pad(round_up(D, Vectorized<acc_t>::size())), dv_pad(round_up(Dv, Vectorized<acc_t>::size())),
+        q(kBlockQueries * d_pad, acc_t(0)), dout(kBlockQueries * dv_pad, acc_t(0)),
+        k(kBlockKeys * d_pad, acc_t(0)), v(kBlockKeys * dv_pad, acc_t(0)),
+        probs_t(kBlockKeys * kBlockQueries), dscores_t(kBlockKeys * kBlockQueries),
+        grad_k_or_q(std::max(kBlockKeys, kBlockQueries) * d_pad), grad_v(kBlockKeys * dv_pad),
+        tile_grad(std::max(kBlockKeys, kBlockQueries) * std::max(d_pad, dv_pad)) {}
+};
+
+// accumulator[rows x ld] += A B, summed in two levels: the tile's product is formed on its own
+// and then added, so a gradient summed over n tiles of 64 rounds like a sum of n + 64 terms
+// rather than one chain of 64 n (the chain cost float64 an order of magnitude of accuracy at
+// Nq = 1024, measured against the oracle).
+template <typename acc_t>
+inline void add_product(int64_t rows, int64_t ld, int64_t depth, const acc_t* a, int64_t a_row_stride,
+                        int64_t a_k_stride, const acc_t* b, int64_t ldb, acc_t* accumulator, acc_t* tile) {
+  using Vec = Vectorized<acc_t>;
+  gemm<acc_t, Accumulate::kOverwrite>(rows, ld, depth, a, a_row_stride, a_k_stride, b, ldb, tile, ld);
+  for (int64_t i = 0; i < rows * ld; i += Vec::size()) {
+    (Vec::loadu(accumulator + i) + Vec::loadu(tile + i)).store(accumulator + i);
+  }
+}
+
+// For one tile (keys [key0, key0 + keys) given as operand rows k and v; query rows
+// [row0, row0 + rows) of batch_head) recomputes P^T = 2^(S^T * scale * log2(e) - lse_log2) and
+// dS^T = P^T * (dP^T - delta) into the workspace.
+template <typename acc_t>
+inline void probabilities_and_dscores(const AttentionParams& p, int64_t batch, int64_t key0, int64_t keys,
+                                      const acc_t* k, int64_t k_ld, const acc_t* v, int64_t v_ld,
+                                      QueryRows<acc_t>& query_rows, int64_t batch_head, int64_t row0,
+                                      int64_t rows, acc_t scale_log2, Workspace<acc_t>& w) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t L = Vec::size();
+  constexpr int64_t BM = kBlockQueries;
+  const int64_t row_width = round_up(rows, L);
+  acc_t* probs_t = w.probs_t.data();
+  acc_t* dscores_t = w.dscores_t.data();
+  gemm<acc_t, Accumulate::kOverwrite>(keys, row_width, p.head_dim, k, k_ld, 1, query_rows.q_t_at(batch_head, row0),
+                                      query_rows.length, probs_t, BM);
+  mask_scores(p, batch, key0, keys, row0, rows, BM, probs_t);
+  gemm<acc_t, Accumulate::kOverwrite>(keys, row_width, p.head_dim_v, v, v_ld, 1,
+                                      query_rows.dout_t_at(batch_head, row0), query_rows.length, dscores_t, BM);
+  const acc_t* lse_log2 = query_rows.lse_log2_at(batch_head, row0);
+  const acc_t* delta = query_rows.delta_at(batch_head, row0);
+  const Vec scale_vec(scale_log2);
+  for (int64_t c = 0; c < row_width; c += L) {
+    const Vec shift = Vec::loadu(lse_log2 + c);
+    const Vec row_delta = Vec::loadu(delta + c);
+    for (int64_t j = 0; j < keys; ++j) {
+      const Vec prob = exp2(at::vec::fmsub(Vec::loadu(probs_t + j * BM + c), scale_vec, shift));
+      prob.store(probs_t + j * BM + c);
+      (prob * (Vec::loadu(dscores_t + j * BM + c) - row_delta)).store(dscores_t + j * BM + c);
+    }
+  }
+}
+
+template <typename scalar_t>
+void attention_backward_kernel(const AttentionParams& p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t BM = kBlockQueries;
+  constexpr int64_t BN = kBlockKeys;
+  constexpr acc_t kLog2e = acc_t(1.4426950408889634);
+  const int64_t D = p.head_dim;
+  const int64_t Dv = p.head_dim_v;
+  const acc_t scale = static_cast<acc_t>(p.scale);
+  const acc_t scale_log2 = scale * kLog2e;
+  const int64_t key_blocks = ceil_div(p.seqlen_k, BN);
+
+  const auto* q_base = static_cast<const scalar_t*>(p.q);
+  const auto* k_base = static_cast<const scalar_t*>(p.k);
+  const auto* v_base = static_cast<const scalar_t*>(p.v);
+  const auto* out_base = static_cast<const scalar_t*>(p.out);
+  const auto* dout_base = static_cast<const scalar_t*>(p.dout);
+  const auto* lse_base = static_cast<const acc_t*>(p.lse);
+  auto* dq_base = static_cast<scalar_t*>(p.dq);
+  auto* dk_base = static_cast<scalar_t*>(p.dk);
+  auto* dv_base = static_cast<scalar_t*>(p.dv);
+
+  // Pre-pass, one query block at a time: q^T, dout^T, delta and lse * log2(e).
+  QueryRows<acc_t> query_rows(p);
+  auto no_workspace = [] { return 0; };
+  parallel_over_blocks(QueryBlock::count(p), no_workspace, [&](int64_t item, int) {
+    const QueryBlock block(p, item);
+    const int64_t batch = block.batch, head = block.head, row0 = block.row0, rows = block.rows;
+    const int64_t batch_head = block.batch_head(p);
+    acc_t* dout_t = query_rows.dout_t_at(batch_head, row0);
+    // Columns [rows, BM) of the last block are the padding queries: zero.
+    pack_rows_transposed(q_base + p.q_strides.offset(batch, head, row0), p.q_strides.row, rows, BM, D,
+                         query_rows.q_t_at(batch_head, row0), query_rows.length);
+    pack_rows_transposed(dout_base + p.dout_strides.offset(batch, head, row0), p.dout_strides.row, rows, BM, Dv,
+                         dout_t, query_rows.length);
+    for (int64_t i = 0; i < rows; ++i) {
+      const scalar_t* o = out_base + p.out_strides.offset(batch, head, row0 + i);
+      acc_t dot = 0;
+      for (int64_t d = 0; d < Dv; ++d) dot += static_cast<acc_t>(o[d]) * dout_t[d * query_rows.length + i];
+      const acc_t lse = lse_base[batch_head * p.seqlen_q + row0 + i];
+      query_rows.delta_at(batch_head, row0)[i] = dot;
+      query_rows.lse_log2_at(batch_head, row0)[i] =
+          lse == -std::numeric_limits<acc_t>::infinity() ? std::numeric_limits<acc_t>::infinity() : lse * kLog2e;
+    }
+  });
+
+  auto make_workspace = [&] { return Workspace<acc_t>(D, Dv); };
+
+  // Pass 1: dk, dv. Each item owns one key block of one kv head.
+  parallel_over_blocks(p.batch * p.heads_kv * key_blocks, make_workspace, [&](int64_t item, Workspace<acc_t>& w) {
+    const int64_t block = item % key_blocks;
+    const int64_t kv_head = (item / key_blocks) % p.heads_kv;
+    const int64_t batch = item / (key_blocks * p.heads_kv);
+    const int64_t key0 = block * BN;
+    const int64_t keys = std::min(BN, p.seqlen_k - key0);
+    std::fill(w.grad_k_or_q.begin(), w.grad_k_or_q.end(), acc_t(0));
+    std::fill(w.grad_v.begin(), w.grad_v.end(), acc_t(0));
+    // The first key has the lowest first viewer, the last key the highest last viewer. Query
+    // tiles start on block boundaries so that their vector-wide columns stay inside Nq_pad.
+    const int64_t query_begin = p.first_visible_query(key0) / BM * BM;
+    const int64_t query_end = p.end_visible_query(key0 + keys - 1);
+    if (query_begin < query_end && !all_keys_padded(p, batch, key0, keys)) {
+      int64_t k_ld, v_ld;
+      const acc_t* k = rows_operand(k_base + p.k_strides.offset(batch, kv_head, key0), p.k_strides.row, keys, D,
+                                    /*whole_vectors=*/false, w.k.data(), w.d_pad, &k_ld);
+      const acc_t* v = rows_operand(v_base + p.v_strides.offset(batch, kv_head, key0), p.v_strides.row, keys, Dv,
+                                    /*whole_vectors=*/false, w.v.data(), w.dv_pad, &v_ld);
+      for (int64_t head = kv_head * p.kv_group(); head < (kv_head + 1) * p.kv_group(); ++head) {
+        const int64_t batch_head = batch * p.heads_q + head;
+        for (int64_t row0 = query_begin; row0 < query_end; row0 += BM) {
+          const int64_t rows = std::min(BM, query_end - row0);
+          probabilities_and_dscores(p, batch, key0, keys, k, k_ld, v, v_ld, query_rows, batch_head, row0, rows,
+                                    scale_log2, w);
+          // dv += P^T dout and dk += dS^T q, with dout and q rows as the B operand.
+          int64_t dout_ld, q_ld;
+          const acc_t* dout = rows_operand(dout_base + p.dout_strides.offset(batch, head, row0), p.dout_strides.row,
+                                           rows, Dv, /*whole_vectors=*/true, w.dout.data(), w.dv_pad, &dout_ld);
+          const acc_t* q = rows_operand(q_base + p.q_strides.offset(batch, head, row0), p.q_strides.row, rows, D,
+                                        /*whole_vectors=*/true, w.q.data(), w.d_pad, &q_ld);
+          add_product(keys, w.dv_pad, rows, w.probs_t.data(), BM, 1, dout, dout_ld, w.grad_v.data(),
+                      w.tile_grad.data());
+          add_product(keys, w.d_pad, rows, w.dscores_t.data(), BM, 1, q, q_ld, w.grad_k_or_q.data(),
+                      w.tile_grad.data());
+        }
+      }
+    }
+    unpack_rows(w.grad_k_or_q.data(), w.d_pad, keys, D, scale, dk_base + p.dk_strides.offset(batch, kv_head, key0),
+                p.dk_strides.row);
+    unpack_rows(w.grad_v.data(), w.dv_pad, keys, Dv, acc_t(1), dv_base + p.dv_strides.offset(batch, kv_head, key0),
+                p.dv_strides.row);
+  });
+
+  // Pass 2: dq. Each item owns one query block of one query head.
+  parallel_over_blocks(QueryBlock::count(p), make_workspace, [&](int64_t item, Workspace<acc_t>& w) {
+    const QueryBlock block(p, item);
+    const int64_t batch = block.batch, head = block.head, kv_head = block.kv_head;
+    const int64_t row0 = block.row0, rows = block.rows, batch_head = block.batch_head(p);
+    std::fill(w.grad_k_or_q.begin(), w.grad_k_or_q.end(), acc_t(0));
+    for (int64_t key0 = block.key_begin; key0 < block.key_end; key0 += BN) {
+      const int64_t keys = std::min(BN, block.key_end - key0);
+      if (all_keys_padded(p, batch, key0, keys)) continue;
+      int64_t k_ld, v_ld;
+      // k is both the A operand of S^T and the B operand of dq, so it needs whole vectors.
+      const acc_t* k = rows_operand(k_base + p.k_strides.offset(batch, kv_head, key0), p.k_strides.row, keys, D,
+                                    /*whole_vectors=*/true, w.k.data(), w.d_pad, &k_ld);
+      const acc_t* v = rows_operand(v_base + p.v_strides.offset(batch, kv_head, key0), p.v_strides.row, keys, Dv,
+                                    /*whole_vectors=*/false, w.v.data(), w.dv_pad, &v_ld);
+      probabilities_and_dscores(p, batch, key0, keys, k, k_ld, v, v_ld, query_rows, batch_head, row0, rows,
+                                scale_log2, w);
+      // dq += dS k, with dS[i][j] = dS^T[j][i] read through strides.
+      add_product(rows, w.d_pad, keys, w.dscores_t.data(), 1, BM, k, k_ld, w.grad_k_or_q.data(),
+                  w.tile_grad.data());
+    }
+    unpack_rows(w.grad_k_or_q.data(), w.d_pad, rows, D, scale, dq_base + p.dq_strides.offset(batch, head, row0),
+                p.dq_strides.row);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& key_padding_mask,
+    double scale, int64_t window_left, int64_t window_right) {
+  check_backward_inputs(dout, q, k, v, out, lse, key_padding_mask, scale, window_left, window_right);
+  at::Tensor dq = empty_in_layout_of(q, q.size(3));
+  at::Tensor dk = empty_in_layout_of(k, k.size(3));
+  at::Tensor dv = empty_in_layout_of(v, v.size(3));
+  const AttentionParams params = make_backward_params(dout, q, k, v, out, lse, key_padding_mask, dq, dk,
+                                                      dv, scale, window_left, window_right);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fastattn::bwd (CPU)",
+                                  [&] { attention_backward_kernel<scalar_t>(params); });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+}  // namespace fastattn::cpu
+
+TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
+  m.impl("bwd", &fastattn::cpu::attention_backward_cpu);
+}

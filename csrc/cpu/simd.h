@@ -1,0 +1,192 @@
+// SIMD building blocks of the CPU kernels: a register-tiled matrix-multiply micro-kernel and a
+// vectorised exp2, both written once on at::vec::Vectorized<T> so that the same source compiles
+// to AVX-512, AVX2, NEON or at::vec's portable scalar fallback.
+//
+// at::vec picks its implementation from the CPU_CAPABILITY_* macros, which torch defines per
+// translation unit in its own build. An extension has to define them itself; this header maps
+// the compiler's target flags (setup.py passes -march=native unless FASTATTN_CPU_ARCH says
+// otherwise) to those macros, so it must be included before any other ATen header.
+#pragma once
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+#define CPU_CAPABILITY_AVX512 1
+#define CPU_CAPABILITY AVX512
+#define FASTATTN_CPU_CAPABILITY "AVX512"
+#elif defined(__AVX2__) && defined(__FMA__)
+#define CPU_CAPABILITY_AVX2 1
+#define CPU_CAPABILITY AVX2
+#define FASTATTN_CPU_CAPABILITY "AVX2"
+#else
+#define CPU_CAPABILITY DEFAULT
+#define FASTATTN_CPU_CAPABILITY "DEFAULT"
+#endif
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+namespace fastattn::cpu {
+
+using at::vec::Vectorized;
+
+// The register tile of the micro-kernel: ROWS x VECTORS accumulators, plus VECTORS for a row of B
+// and one broadcast of A, must fit the register file (32 vector registers with AVX-512, 16 else).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kTileRows = 6;
+constexpr int kTileVectors = 4;
+#else
+constexpr int kTileRows = 6;
+constexpr int kTileVectors = 2;
+#endif
+
+// What the micro-kernel does with C before accumulating into it.
+enum class Accumulate {
+  kOverwrite,   // C  = A B
+  kAdd,         // C += A B
+  kScaleRows,   // C  = diag(row_scale) C + A B   (the online-softmax rescale, fused)
+};
+
+// C[ROWS x VECTORS*L] op= A[ROWS x K] * B[K x VECTORS*L], L = Vectorized<T>::size().
+// A(i, kk) = a[i * a_row_stride + kk * a_k_stride] is broadcast, so A may be read transposed
+// at no cost; B's rows are contiguous vectors, ldb elements apart.
+template <typename T, int ROWS, int VECTORS, Accumulate MODE>
+inline void micro_gemm(int64_t depth, const T* a, int64_t a_row_stride, int64_t a_k_stride,
+                       const T* b, int64_t ldb, T* c, int64_t ldc, const T* row_scale) {
+  using Vec = Vectorized<T>;
+  constexpr int L = Vec::size();
+  Vec acc[ROWS][VECTORS];
+#pragma GCC unroll 8
+  for (int i = 0; i < ROWS; ++i) {
+#pragma GCC unroll 8
+    for (int j = 0; j < VECTORS; ++j) {
+      if constexpr (MODE == Accumulate::kOverwrite) {
+        acc[i][j] = Vec(T(0));
+      } else if constexpr (MODE == Accumulate::kAdd) {
+        acc[i][j] = Vec::loadu(c + i * ldc + j * L);
+      } else {
+        acc[i][j] = Vec::loadu(c + i * ldc + j * L) * Vec(row_scale[i]);
+      }
+    }
+  }
+  for (int64_t kk = 0; kk < depth; ++kk) {
+    Vec b_row[VECTORS];
+#pragma GCC unroll 8
+    for (int j = 0; j < VECTORS; ++j) b_row[j] = Vec::loadu(b + kk * ldb + j * L);
+#pragma GCC unroll 8
+    for (int i = 0; i < ROWS; ++i) {
+      const Vec a_value(a[i * a_row_stride + kk * a_k_stride]);
+#pragma GCC unroll 8
+      for (int j = 0; j < VECTORS; ++j) acc[i][j] = at::vec::fmadd(a_value, b_row[j], acc[i][j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < ROWS; ++i) {
+#pragma GCC unroll 8
+    for (int j = 0; j < VECTORS; ++j) acc[i][j].store(c + i * ldc + j * L);
+  }
+}
+
+// Calls micro_gemm<ROWS, VECTORS> for the remainder shape (rows <= ROWS, vectors <= VECTORS),
+// instantiating every smaller tile once.
+template <typename T, int ROWS, int VECTORS, Accumulate MODE>
+inline void micro_gemm_remainder(int rows, int vectors, int64_t depth, const T* a,
+                                 int64_t a_row_stride, int64_t a_k_stride, const T* b,
+                                 int64_t ldb, T* c, int64_t ldc, const T* row_scale) {
+  if constexpr (ROWS > 1) {
+    if (rows < ROWS) {
+      return micro_gemm_remainder<T, ROWS - 1, VECTORS, MODE>(
+          rows, vectors, depth, a, a_row_stride, a_k_stride, b, ldb, c, ldc, row_scale);
+    }
+  }
+  if constexpr (VECTORS > 1) {
+    if (vectors < VECTORS) {
+      return micro_gemm_remainder<T, ROWS, VECTORS - 1, MODE>(
+          rows, vectors, depth, a, a_row_stride, a_k_stride, b, ldb, c, ldc, row_scale);
+    }
+  }
+  micro_gemm<T, ROWS, VECTORS, MODE>(depth, a, a_row_stride, a_k_stride, b, ldb, c, ldc,
+                                     row_scale);
+}
+
+// C[M x N] op= A[M x K] * B[K x N] for the small tiles of one attention block.
+// N must be a multiple of Vectorized<T>::size() (callers pad their buffers with zeros).
+// Column panels outside, rows inside: the K x (VECTORS*L) panel of B stays in L1 while every
+// row block streams past it.
+template <typename T, Accumulate MODE>
+inline void gemm(int64_t m, int64_t n, int64_t depth, const T* a, int64_t a_row_stride,
+                 int64_t a_k_stride, const T* b, int64_t ldb, T* c, int64_t ldc,
+                 const T* row_scale = nullptr) {
+  constexpr int L = Vectorized<T>::size();
+  const int64_t n_vectors = n / L;
+  for (int64_t j0 = 0; j0 < n_vectors; j0 += kTileVectors) {
+    const int vectors = static_cast<int>(std::min<int64_t>(kTileVectors, n_vectors - j0));
+    for (int64_t i0 = 0; i0 < m; i0 += kTileRows) {
+      const int rows = static_cast<int>(std::min<int64_t>(kTileRows, m - i0));
+      micro_gemm_remainder<T, kTileRows, kTileVectors, MODE>(
+          rows, vectors, depth, a + i0 * a_row_stride, a_row_stride, a_k_stride, b + j0 * L, ldb,
+          c + i0 * ldc + j0 * L, ldc, row_scale == nullptr ? nullptr : row_scale + i0);
+    }
+  }
+}
+
+// 2^x for x <= 0 (softmax arguments); exactly 0 for x = -inf or x below the smallest normal.
+// Range reduction x = n + f, |f| <= 1/2, then 2^f by its Taylor series to ~0.1 ulp and 2^n put
+// straight into the exponent bits. Inlined, unlike at::vec's Sleef call, and more accurate
+// than its exp_u20.
+inline Vectorized<float> exp2(Vectorized<float> x) {
+  using Vec = Vectorized<float>;
+  // ln(2)^k / k!, k = 0..7: the truncation error at |f| = 1/2 is 5e-9, below float's rounding.
+  constexpr float c1 = 0.69314718055994531f, c2 = 0.24022650695910071f,
+                  c3 = 0.055504108664821580f, c4 = 0.0096181291076284772f,
+                  c5 = 0.0013333558146428443f, c6 = 0.00015403530393381609f,
+                  c7 = 1.5252733804059840e-05f;
+  x = at::vec::maximum(x, Vec(-127.0f));  // 2^n below is then +0.0 exactly
+  const Vec n = x.round();
+  const Vec f = x - n;
+  Vec poly = Vec(c7);
+  poly = at::vec::fmadd(poly, f, Vec(c6));
+  poly = at::vec::fmadd(poly, f, Vec(c5));
+  poly = at::vec::fmadd(poly, f, Vec(c4));
+  poly = at::vec::fmadd(poly, f, Vec(c3));
+  poly = at::vec::fmadd(poly, f, Vec(c2));
+  poly = at::vec::fmadd(poly, f, Vec(c1));
+  poly = at::vec::fmadd(poly, f, Vec(1.0f));
+  const Vectorized<int32_t> exponent = at::vec::convert_to_int_of_same_size(n) + Vectorized<int32_t>(127);
+  return poly * at::vec::cast<float>(exponent << Vectorized<int32_t>(23));
+}
+
+inline Vectorized<double> exp2(Vectorized<double> x) {
+  using Vec = Vectorized<double>;
+  // ln(2)^k / k!, k = 0..13: truncation error at |f| = 1/2 is 4e-18, below double's rounding.
+  constexpr double coefficients[14] = {
+      1.0,                    0.69314718055994531,    0.24022650695910071,
+      0.055504108664821580,   0.0096181291076284772,  0.0013333558146428443,
+      0.00015403530393381609, 1.5252733804059840e-05, 1.3215486790144307e-06,
+      1.0178086009239699e-07, 7.0549116208011233e-09, 4.4455382718708114e-10,
+      2.5678435993488203e-11, 1.3691488853904124e-12};
+  x = at::vec::maximum(x, Vec(-1023.0));
+  const Vec n = x.round();
+  const Vec f = x - n;
+  Vec poly = Vec(coefficients[13]);
+#pragma GCC unroll 13
+  for (int k = 12; k >= 0; --k) poly = at::vec::fmadd(poly, f, Vec(coefficients[k]));
+  const Vectorized<int64_t> exponent = at::vec::convert_to_int_of_same_size(n) + Vectorized<int64_t>(1023);
+  return poly * at::vec::cast<double>(exponent << Vectorized<int64_t>(52));
+}
+
+template <typename T>
+inline T reduce_max(const T* values, int64_t count) {
+  using Vec = Vectorized<T>;
+  Vec best(-std::numeric_limits<T>::infinity());
+  for (int64_t j = 0; j < count; j += Vec::size()) best = at::vec::maximum(best, Vec::loadu(values + j));
+  return at::vec::vec_reduce_all<T>([](const Vec& x, const Vec& y) { return at::vec::maximum(x, y); }, best);
+}
+
+inline int64_t round_up(int64_t value, int64_t multiple) {
+  return (value + multiple - 1) / multiple * multiple;
+}
+
+}  // namespace fastattn::cpu

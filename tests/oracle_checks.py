@@ -1,0 +1,47 @@
+"""Runs a backend against the float64 oracle with the tolerance rule of fastattn.testing.
+
+Shared by the CPU, Triton and CUDA kernel tests so every backend is held to the same check.
+"""
+
+import torch
+
+import fastattn
+from fastattn.testing import GRAD_FACTOR, OUTPUT_FACTOR, assert_close_to_oracle, attention_ref, attention_ref_grads
+
+
+def check_against_oracle(q, k, v, *, backend, causal=False, window=None, scale=None, key_padding_mask=None,
+                         dout=None, grads=True):
+    """Checks out, lse and (if `grads`) dq, dk, dv of `backend` against the float64 oracle.
+
+    q, k, v may be any views (their layout is what the kernel sees); `dout` defaults to a random
+    tensor shaped like the output. Returns (out, lse, grads) of the kernel.
+    """
+    kwargs = dict(causal=causal, window=window, scale=scale, key_padding_mask=key_padding_mask)
+    leaves = [t.detach().requires_grad_(grads) for t in (q, k, v)]
+    # Keep each leaf's strides: the views below are what the kernel reads.
+    inputs = [leaf.view_as(leaf) if grads else leaf for leaf in leaves]
+    out, lse = fastattn.attention(*inputs, return_lse=True, backend=backend, **kwargs)
+
+    oracle_leaves = [t.detach().double().requires_grad_(grads) for t in (q, k, v)]
+    oracle_out, oracle_lse = attention_ref(*oracle_leaves, upcast=True, **kwargs)
+    base_out, base_lse = attention_ref(q.detach(), k.detach(), v.detach(), upcast=False, reorder_ops=True, **kwargs)
+
+    assert out.dtype == q.dtype and out.shape == oracle_out.shape
+    assert lse.dtype == (torch.float64 if q.dtype == torch.float64 else torch.float32)
+    assert_close_to_oracle(out, oracle_out, base_out, factor=OUTPUT_FACTOR, name="out")
+    assert_close_to_oracle(lse, oracle_lse, base_lse, factor=OUTPUT_FACTOR, name="lse")
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(oracle_lse)), "lse: -inf rows differ"
+    if not grads:
+        return out, lse, None
+
+    if dout is None:
+        dout = torch.randn(out.shape, dtype=out.dtype, device=out.device)
+    kernel_grads = torch.autograd.grad(out, leaves, dout)
+    # The oracle's gradients by autograd through its float64 dense math; the yardstick's by the
+    # fused kernels' formulas in the input dtype.
+    oracle_grads = torch.autograd.grad(oracle_out, oracle_leaves, dout.double())
+    base_grads = attention_ref_grads(q.detach(), k.detach(), v.detach(), dout, upcast=False, **kwargs)
+    for name, actual, oracle, base in zip(("dq", "dk", "dv"), kernel_grads, oracle_grads, base_grads):
+        assert actual.shape == oracle.shape and actual.dtype == q.dtype, name
+        assert_close_to_oracle(actual, oracle, base, factor=GRAD_FACTOR, name=name)
+    return out, lse, kernel_grads

@@ -1,0 +1,106 @@
+"""The C++ CPU kernels (backend="cpp") against the float64 oracle on DESIGN.md's edge-case grid."""
+
+import pytest
+import torch
+
+from fastattn.testing import make_qkv, random_padding_mask
+
+from oracle_checks import check_against_oracle
+
+BACKEND = "cpp"
+HEAD_DIMS = [16, 40, 64, 80, 96, 128, 256]
+SEQLENS = [(1, 1), (17, 17), (113, 113), (17, 113), (113, 17), (1, 1025), (1025, 1025)]
+WINDOWS = ["full", "causal", (0, 0), (1, 0), (3, 7), "nk-1,0", "wider"]
+
+
+def window_kwargs(window, seqlen_k):
+    """The attention() keywords for a named window of the grid."""
+    if window == "full":
+        return {}
+    if window == "causal":
+        return {"causal": True}
+    if window == "nk-1,0":
+        return {"window": (seqlen_k - 1, 0)}
+    if window == "wider":  # wider than the sequence on both sides: same as full attention
+        return {"window": (2 * seqlen_k + 5, 3 * seqlen_k + 1)}
+    return {"window": window}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("window", WINDOWS, ids=str)
+@pytest.mark.parametrize("seqlens", SEQLENS, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_grid(seqlens, window, dtype):
+    seqlen_q, seqlen_k = seqlens
+    # Cycle the head dims through the grid so that each meets every length and window.
+    head_dim = HEAD_DIMS[(SEQLENS.index(seqlens) + WINDOWS.index(window)) % len(HEAD_DIMS)]
+    batch, heads = (1, 2) if seqlen_q * seqlen_k > 100_000 else (2, 4)
+    q, k, v = make_qkv(batch, heads, 2, seqlen_q, seqlen_k, head_dim, dtype=dtype, seed=seqlen_q + head_dim)
+    check_against_oracle(q, k, v, backend=BACKEND, **window_kwargs(window, seqlen_k))
+
+
+@pytest.mark.parametrize("head_dim, head_dim_v", [(d, d) for d in HEAD_DIMS] + [(40, 24), (80, 128), (1, 3), (256, 1)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_head_dims(head_dim, head_dim_v, causal):
+    q, k, v = make_qkv(1, 2, 2, 113, 129, head_dim, head_dim_v, seed=head_dim)
+    check_against_oracle(q, k, v, backend=BACKEND, causal=causal)
+
+
+@pytest.mark.parametrize("heads_kv", [1, 2, 3, 6])
+@pytest.mark.parametrize("window", [None, (5, 2)])
+def test_gqa_mqa(heads_kv, window):
+    q, k, v = make_qkv(2, 6, heads_kv, 70, 90, 32, seed=heads_kv)
+    check_against_oracle(q, k, v, backend=BACKEND, window=window)
+
+
+@pytest.mark.parametrize("seqlens", [(113, 113), (17, 200), (200, 17)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("window", ["full", "causal", (3, 7)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_key_padding(seqlens, window, dtype):
+    seqlen_q, seqlen_k = seqlens
+    q, k, v = make_qkv(3, 4, 2, seqlen_q, seqlen_k, 64, dtype=dtype, seed=seqlen_k)
+    padding = random_padding_mask(3, seqlen_k, fraction=0.6, fully_padded_batch=True, seed=seqlen_q)
+    check_against_oracle(q, k, v, backend=BACKEND, key_padding_mask=padding, **window_kwargs(window, seqlen_k))
+
+
+@pytest.mark.parametrize("case", ["causal_nq_gt_nk", "window_0_0_nq_gt_nk", "all_padding", "empty_keys"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_fully_masked_rows(case, dtype):
+    """Rows that see no key: out = 0, lse = -inf, zero gradients, no NaN anywhere."""
+    kwargs, seqlen_q, seqlen_k = {}, 90, 20
+    if case == "causal_nq_gt_nk":
+        kwargs["causal"] = True  # rows 0..69 sit before key 0
+    elif case == "window_0_0_nq_gt_nk":
+        kwargs["window"] = (0, 0)
+    elif case == "all_padding":
+        kwargs["key_padding_mask"] = torch.ones(2, seqlen_k, dtype=torch.bool)
+    else:
+        seqlen_k = 0
+    q, k, v = make_qkv(2, 2, 1, seqlen_q, seqlen_k, 32, dtype=dtype, seed=3)
+    out, lse, grads = check_against_oracle(q, k, v, backend=BACKEND, **kwargs)
+    masked_rows = torch.isneginf(lse)
+    assert masked_rows.any()
+    assert (out[masked_rows] == 0).all()
+    assert (grads[0][masked_rows] == 0).all()
+    for t in (out, lse, *grads):
+        assert not torch.isnan(t).any()
+
+
+@pytest.mark.parametrize("layout", ["bnhd", "strided"])
+@pytest.mark.parametrize("window", ["full", (3, 7)], ids=str)
+def test_non_contiguous_inputs_and_dout(layout, window):
+    q, k, v = make_qkv(2, 4, 2, 77, 77, 48, layout=layout, seed=11)
+    assert not q.is_contiguous()
+    # dout as a strided view too: every other element of a wider tensor.
+    dout = torch.randn(2, 77, 4, 96).transpose(1, 2)[..., ::2]
+    assert dout.stride(-1) == 2
+    check_against_oracle(q, k, v, backend=BACKEND, dout=dout, **window_kwargs(window, 77))
+
+
+def test_float16():
+    q, k, v = make_qkv(1, 2, 2, 65, 65, 64, dtype=torch.float16, seed=5)
+    check_against_oracle(q, k, v, backend=BACKEND, window=(8, 8))
+
+
+def test_scale_argument():
+    q, k, v = make_qkv(1, 2, 1, 33, 47, 32, seed=6)
+    check_against_oracle(q, k, v, backend=BACKEND, scale=0.37, causal=True)
