@@ -6,16 +6,17 @@
 // (P = 2^(scale * log2(e) * S - lse * log2(e))), never stored:
 //
 //   pre-pass: delta = rowsum(dout * out); q^T and dout^T packed once (O(N * D) memory)
-//   pass 1, parallel over key blocks j (each owns dk_j, dv_j):
-//     dv_j = sum_i P_ij^T dout_i,  dk_j = scale * sum_i dS_ij^T q_i
-//   pass 2, parallel over query blocks i (owns dq_i):
-//     dq_i = scale * sum_j dS_ij k_j
-//   with dS = P * (dP - delta), dP = dout v^T.
+//   main pass, parallel over (batch, kv head, chunk of query rows); for every query block i of
+//   the chunk and every key block j its window reaches:
+//     dq_i += dS_ij k_j,   dk_j += dS_ij^T q_i,   dv_j += P_ij^T dout_i
+//   with dS = P * (dP - delta), dP = dout v^T: five tile products per (i, j);
+//   reduction: dk, dv = the chunks' partial sums, added in chunk order.
 //
-// Tiles are computed transposed (S^T = k q^T, dP^T = v dout^T), as in the forward. Each pass
-// writes only the blocks it owns, so there are no atomics and results are bitwise deterministic;
-// pass 1 sums over the query heads of a GQA group in a fixed order. Both passes visit only the
-// blocks inside the window (cost ~ N * window).
+// Tiles are computed transposed (S^T = k q^T, dP^T = v dout^T), as in the forward. A chunk owns
+// its dq rows outright and its own dk/dv partial buffers, so there are no atomics. The number of
+// chunks is a function of the shape alone (enough work items for 16 threads, chunks of at least
+// 256 rows, partial buffers within a memory budget), so results are bitwise identical run after
+// run and for any thread count. Only blocks inside the window are visited (cost ~ N * window).
 //
 // Not supported: a gradient flowing into lse (it is returned as non-differentiable).
 #include "cpu/attention_tiles.h"  // first: selects at::vec's ISA
@@ -65,20 +66,52 @@ struct QueryRows {
 };
 
 // The buffers of one thread: packed rows of q, dout, k, v where the inputs cannot be used in
-// place, the S^T / P^T and dP^T / dS^T tiles, the gradient accumulators, and one tile's
-// contribution to them.
+// place, the S^T / P^T and dP^T / dS^T tiles, a query block's dq accumulator, and one tile's
+// product before it is added to an accumulator.
 template <typename acc_t>
 struct Workspace {
   int64_t d_pad, dv_pad;
-  std::vector<acc_t> q, dout, k, v, probs_t, dscores_t, grad_k_or_q, grad_v, tile_grad;
+  std::vector<acc_t> q, dout, k, v, probs_t, dscores_t, dq, tile_grad;
 
   Workspace(int64_t D, int64_t Dv)
       : d_pad(round_up(D, Vectorized<acc_t>::size())), dv_pad(round_up(Dv, Vectorized<acc_t>::size())),
         q(kBlockQueries * d_pad, acc_t(0)), dout(kBlockQueries * dv_pad, acc_t(0)),
         k(kBlockKeys * d_pad, acc_t(0)), v(kBlockKeys * dv_pad, acc_t(0)),
-        probs_t(kBlockKeys * kBlockQueries), dscores_t(kBlockKeys * kBlockQueries),
-        grad_k_or_q(std::max(kBlockKeys, kBlockQueries) * d_pad), grad_v(kBlockKeys * dv_pad),
+        probs_t(kBlockKeys * kBlockQueries), dscores_t(kBlockKeys * kBlockQueries), dq(kBlockQueries * d_pad),
         tile_grad(std::max(kBlockKeys, kBlockQueries) * std::max(d_pad, dv_pad)) {}
+};
+
+// How the query rows of every (batch, kv head) are cut into chunks, and the key range each chunk
+// reaches (whole key blocks), where its dk/dv partial sums live.
+struct ChunkPlan {
+  int64_t count = 0, rows = 0;                 // chunks, query rows per chunk (whole blocks)
+  std::vector<int64_t> key_begin, key_end;     // per chunk, multiples of kBlockKeys (end capped at Nk)
+  std::vector<int64_t> offset;                 // per chunk: first key row of its partial buffer
+  int64_t partial_rows = 0;                    // sum of the chunks' key ranges
+
+  ChunkPlan(const AttentionParams& p, int64_t row_bytes) {
+    constexpr int64_t kTargetItems = 16;             // work items to aim for: threads of a large CPU
+    constexpr int64_t kMinChunkRows = 4 * kBlockQueries;
+    constexpr int64_t kPartialBudgetBytes = int64_t(512) << 20;
+    if (p.seqlen_q == 0) return;
+    const int64_t pairs = p.batch * p.heads_kv;
+    int64_t wanted = std::min(ceil_div(kTargetItems, pairs), ceil_div(p.seqlen_q, kMinChunkRows));
+    // Full attention gives every chunk a partial buffer of all Nk keys: keep those within budget.
+    const int64_t full_width_bytes = pairs * p.seqlen_k * row_bytes;
+    if (full_width_bytes > 0) wanted = std::min(wanted, std::max<int64_t>(1, kPartialBudgetBytes / full_width_bytes));
+    wanted = std::max<int64_t>(1, wanted);
+    rows = round_up(ceil_div(p.seqlen_q, wanted), kBlockQueries);
+    count = ceil_div(p.seqlen_q, rows);
+    for (int64_t c = 0; c < count; ++c) {
+      const int64_t row_begin = c * rows, row_end = std::min(p.seqlen_q, row_begin + rows);
+      const int64_t first = p.first_visible_key(row_begin) / kBlockKeys * kBlockKeys;
+      const int64_t end = std::max(first, p.end_visible_key(row_end - 1));
+      key_begin.push_back(first);
+      key_end.push_back(end);
+      offset.push_back(partial_rows);
+      partial_rows += end - first;
+    }
+  }
 };
 
 // accumulator[rows x ld] += A B, summed in two levels: the tile's product is formed on its own
@@ -175,74 +208,84 @@ void attention_backward_kernel(const AttentionParams& p) {
   });
 
   auto make_workspace = [&] { return Workspace<acc_t>(D, Dv); };
+  const int64_t D_pad = round_up(D, Vectorized<acc_t>::size());
+  const int64_t Dv_pad = round_up(Dv, Vectorized<acc_t>::size());
+  const ChunkPlan chunks(p, (D_pad + Dv_pad) * int64_t(sizeof(acc_t)));
+  // dk/dv partial sums: per (batch, kv head), each chunk's key range, rows of D_pad (dk) / Dv_pad (dv).
+  std::vector<acc_t> dk_partial(p.batch * p.heads_kv * chunks.partial_rows * D_pad, acc_t(0));
+  std::vector<acc_t> dv_partial(p.batch * p.heads_kv * chunks.partial_rows * Dv_pad, acc_t(0));
 
-  // Pass 1: dk, dv. Each item owns one key block of one kv head.
-  parallel_over_blocks(p.batch * p.heads_kv * key_blocks, make_workspace, [&](int64_t item, Workspace<acc_t>& w) {
-    const int64_t block = item % key_blocks;
-    const int64_t kv_head = (item / key_blocks) % p.heads_kv;
-    const int64_t batch = item / (key_blocks * p.heads_kv);
-    const int64_t key0 = block * BN;
-    const int64_t keys = std::min(BN, p.seqlen_k - key0);
-    std::fill(w.grad_k_or_q.begin(), w.grad_k_or_q.end(), acc_t(0));
-    std::fill(w.grad_v.begin(), w.grad_v.end(), acc_t(0));
-    // The first key has the lowest first viewer, the last key the highest last viewer. Query
-    // tiles start on block boundaries so that their vector-wide columns stay inside Nq_pad.
-    const int64_t query_begin = p.first_visible_query(key0) / BM * BM;
-    const int64_t query_end = p.end_visible_query(key0 + keys - 1);
-    if (query_begin < query_end && !all_keys_padded(p, batch, key0, keys)) {
-      int64_t k_ld, v_ld;
-      const acc_t* k = rows_operand(k_base + p.k_strides.offset(batch, kv_head, key0), p.k_strides.row, keys, D,
-                                    /*whole_vectors=*/false, w.k.data(), w.d_pad, &k_ld);
-      const acc_t* v = rows_operand(v_base + p.v_strides.offset(batch, kv_head, key0), p.v_strides.row, keys, Dv,
-                                    /*whole_vectors=*/false, w.v.data(), w.dv_pad, &v_ld);
-      for (int64_t head = kv_head * p.kv_group(); head < (kv_head + 1) * p.kv_group(); ++head) {
-        const int64_t batch_head = batch * p.heads_q + head;
-        for (int64_t row0 = query_begin; row0 < query_end; row0 += BM) {
-          const int64_t rows = std::min(BM, query_end - row0);
+  // Main pass: each item is one chunk of query rows of one (batch, kv head), for every query head
+  // of its GQA group.
+  parallel_over_blocks(p.batch * p.heads_kv * chunks.count, make_workspace, [&](int64_t item, Workspace<acc_t>& w) {
+    const int64_t chunk = item % chunks.count;
+    const int64_t kv_batch_head = item / chunks.count;
+    const int64_t kv_head = kv_batch_head % p.heads_kv, batch = kv_batch_head / p.heads_kv;
+    const int64_t row_begin = chunk * chunks.rows, row_end = std::min(p.seqlen_q, row_begin + chunks.rows);
+    const int64_t partial_row0 = kv_batch_head * chunks.partial_rows + chunks.offset[chunk] - chunks.key_begin[chunk];
+    acc_t* dk_chunk = dk_partial.data() + partial_row0 * D_pad;  // indexed by absolute key row
+    acc_t* dv_chunk = dv_partial.data() + partial_row0 * Dv_pad;
+    for (int64_t head = kv_head * p.kv_group(); head < (kv_head + 1) * p.kv_group(); ++head) {
+      const int64_t batch_head = batch * p.heads_q + head;
+      for (int64_t row0 = row_begin; row0 < row_end; row0 += BM) {
+        const int64_t rows = std::min(BM, row_end - row0);
+        int64_t dout_ld, q_ld;
+        const acc_t* dout = rows_operand(dout_base + p.dout_strides.offset(batch, head, row0), p.dout_strides.row,
+                                         rows, Dv, /*whole_vectors=*/true, w.dout.data(), Dv_pad, &dout_ld);
+        const acc_t* q = rows_operand(q_base + p.q_strides.offset(batch, head, row0), p.q_strides.row, rows, D,
+                                      /*whole_vectors=*/true, w.q.data(), D_pad, &q_ld);
+        std::fill(w.dq.begin(), w.dq.end(), acc_t(0));
+        // Whole key blocks, so that each lands on the same rows of the partial buffers.
+        const int64_t key_end = p.end_visible_key(row0 + rows - 1);
+        for (int64_t key0 = p.first_visible_key(row0) / BN * BN; key0 < key_end; key0 += BN) {
+          const int64_t keys = std::min(BN, p.seqlen_k - key0);
+          if (all_keys_padded(p, batch, key0, keys)) continue;
+          int64_t k_ld, v_ld;
+          // k is both the A operand of S^T and the B operand of dq, so it needs whole vectors.
+          const acc_t* k = rows_operand(k_base + p.k_strides.offset(batch, kv_head, key0), p.k_strides.row, keys, D,
+                                        /*whole_vectors=*/true, w.k.data(), D_pad, &k_ld);
+          const acc_t* v = rows_operand(v_base + p.v_strides.offset(batch, kv_head, key0), p.v_strides.row, keys, Dv,
+                                        /*whole_vectors=*/false, w.v.data(), Dv_pad, &v_ld);
           probabilities_and_dscores(p, batch, key0, keys, k, k_ld, v, v_ld, query_rows, batch_head, row0, rows,
                                     scale_log2, w);
-          // dv += P^T dout and dk += dS^T q, with dout and q rows as the B operand.
-          int64_t dout_ld, q_ld;
-          const acc_t* dout = rows_operand(dout_base + p.dout_strides.offset(batch, head, row0), p.dout_strides.row,
-                                           rows, Dv, /*whole_vectors=*/true, w.dout.data(), w.dv_pad, &dout_ld);
-          const acc_t* q = rows_operand(q_base + p.q_strides.offset(batch, head, row0), p.q_strides.row, rows, D,
-                                        /*whole_vectors=*/true, w.q.data(), w.d_pad, &q_ld);
-          add_product(keys, w.dv_pad, rows, w.probs_t.data(), BM, 1, dout, dout_ld, w.grad_v.data(),
+          // dv += P^T dout and dk += dS^T q (rows of the transposed tiles as A); dq += dS k, with
+          // dS[i][j] = dS^T[j][i] read through strides.
+          add_product(keys, Dv_pad, rows, w.probs_t.data(), BM, 1, dout, dout_ld, dv_chunk + key0 * Dv_pad,
                       w.tile_grad.data());
-          add_product(keys, w.d_pad, rows, w.dscores_t.data(), BM, 1, q, q_ld, w.grad_k_or_q.data(),
+          add_product(keys, D_pad, rows, w.dscores_t.data(), BM, 1, q, q_ld, dk_chunk + key0 * D_pad,
                       w.tile_grad.data());
+          add_product(rows, D_pad, keys, w.dscores_t.data(), 1, BM, k, k_ld, w.dq.data(), w.tile_grad.data());
         }
+        unpack_rows(w.dq.data(), D_pad, rows, D, scale, dq_base + p.dq_strides.offset(batch, head, row0),
+                    p.dq_strides.row);
       }
     }
-    unpack_rows(w.grad_k_or_q.data(), w.d_pad, keys, D, scale, dk_base + p.dk_strides.offset(batch, kv_head, key0),
-                p.dk_strides.row);
-    unpack_rows(w.grad_v.data(), w.dv_pad, keys, Dv, acc_t(1), dv_base + p.dv_strides.offset(batch, kv_head, key0),
-                p.dv_strides.row);
   });
 
-  // Pass 2: dq. Each item owns one query block of one query head.
-  parallel_over_blocks(QueryBlock::count(p), make_workspace, [&](int64_t item, Workspace<acc_t>& w) {
-    const QueryBlock block(p, item);
-    const int64_t batch = block.batch, head = block.head, kv_head = block.kv_head;
-    const int64_t row0 = block.row0, rows = block.rows, batch_head = block.batch_head(p);
-    std::fill(w.grad_k_or_q.begin(), w.grad_k_or_q.end(), acc_t(0));
-    for (int64_t key0 = block.key_begin; key0 < block.key_end; key0 += BN) {
-      const int64_t keys = std::min(BN, block.key_end - key0);
-      if (all_keys_padded(p, batch, key0, keys)) continue;
-      int64_t k_ld, v_ld;
-      // k is both the A operand of S^T and the B operand of dq, so it needs whole vectors.
-      const acc_t* k = rows_operand(k_base + p.k_strides.offset(batch, kv_head, key0), p.k_strides.row, keys, D,
-                                    /*whole_vectors=*/true, w.k.data(), w.d_pad, &k_ld);
-      const acc_t* v = rows_operand(v_base + p.v_strides.offset(batch, kv_head, key0), p.v_strides.row, keys, Dv,
-                                    /*whole_vectors=*/false, w.v.data(), w.dv_pad, &v_ld);
-      probabilities_and_dscores(p, batch, key0, keys, k, k_ld, v, v_ld, query_rows, batch_head, row0, rows,
-                                scale_log2, w);
-      // dq += dS k, with dS[i][j] = dS^T[j][i] read through strides.
-      add_product(rows, w.d_pad, keys, w.dscores_t.data(), 1, BM, k, k_ld, w.grad_k_or_q.data(),
-                  w.tile_grad.data());
+  // Reduction: dk = scale * sum of the partials, dv = sum, over the chunks in order.
+  using Vec = Vectorized<acc_t>;
+  parallel_over_blocks(p.batch * p.heads_kv * key_blocks, no_workspace, [&](int64_t item, int) {
+    const int64_t key_block = item % key_blocks, kv_batch_head = item / key_blocks;
+    const int64_t kv_head = kv_batch_head % p.heads_kv, batch = kv_batch_head / p.heads_kv;
+    const int64_t key0 = key_block * BN, keys = std::min(BN, p.seqlen_k - key0);
+    std::vector<acc_t> dk_sum(keys * D_pad, acc_t(0)), dv_sum(keys * Dv_pad, acc_t(0));
+    for (int64_t chunk = 0; chunk < chunks.count; ++chunk) {
+      const int64_t first = std::max(key0, chunks.key_begin[chunk]);
+      const int64_t end = std::min(key0 + keys, chunks.key_end[chunk]);
+      const int64_t partial_row0 = kv_batch_head * chunks.partial_rows + chunks.offset[chunk] - chunks.key_begin[chunk];
+      for (int64_t key = first; key < end; ++key) {
+        acc_t* dk_row = dk_sum.data() + (key - key0) * D_pad;
+        acc_t* dv_row = dv_sum.data() + (key - key0) * Dv_pad;
+        const acc_t* dk_part = dk_partial.data() + (partial_row0 + key) * D_pad;
+        const acc_t* dv_part = dv_partial.data() + (partial_row0 + key) * Dv_pad;
+        for (int64_t d = 0; d < D_pad; d += Vec::size()) (Vec::loadu(dk_row + d) + Vec::loadu(dk_part + d)).store(dk_row + d);
+        for (int64_t d = 0; d < Dv_pad; d += Vec::size()) (Vec::loadu(dv_row + d) + Vec::loadu(dv_part + d)).store(dv_row + d);
+      }
     }
-    unpack_rows(w.grad_k_or_q.data(), w.d_pad, rows, D, scale, dq_base + p.dq_strides.offset(batch, head, row0),
-                p.dq_strides.row);
+    unpack_rows(dk_sum.data(), D_pad, keys, D, scale, dk_base + p.dk_strides.offset(batch, kv_head, key0),
+                p.dk_strides.row);
+    unpack_rows(dv_sum.data(), Dv_pad, keys, Dv, acc_t(1), dv_base + p.dv_strides.offset(batch, kv_head, key0),
+                p.dv_strides.row);
   });
 }
 

@@ -27,6 +27,7 @@ namespace fastattn::cpu {
 // accumulator: 16 KiB each) stay in L1/L2 while k and v stream past.
 constexpr int64_t kBlockQueries = 64;
 constexpr int64_t kBlockKeys = 64;
+constexpr int64_t kAmxBlockKeys = 256;  // keys per block of the bf16 AMX path (see amx.h)
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -47,6 +48,22 @@ inline void pack_rows_transposed(const src_t* src, int64_t src_row_stride, int64
     for (int64_t c = 0; c < cols; ++c) dst[c * dst_ld + r] = static_cast<dst_t>(row[c]);
   }
   for (int64_t c = 0; c < cols; ++c) std::fill(dst + c * dst_ld + rows, dst + c * dst_ld + padded_rows, dst_t(0));
+}
+
+// dst[c * dst_ld + r] = src[r * src_row_stride + c] for r < rows, c < cols, in 16 x 16 blocks so
+// that both sides touch few cache lines at a time (a plain loop writes one line per element).
+template <typename T>
+inline void transpose_rows(const T* src, int64_t src_row_stride, int64_t rows, int64_t cols, T* dst,
+                           int64_t dst_ld) {
+  constexpr int64_t kBlock = 16;
+  for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
+    for (int64_t c0 = 0; c0 < cols; c0 += kBlock) {
+      const int64_t r1 = std::min(rows, r0 + kBlock), c1 = std::min(cols, c0 + kBlock);
+      for (int64_t c = c0; c < c1; ++c) {
+        for (int64_t r = r0; r < r1; ++r) dst[c * dst_ld + r] = src[r * src_row_stride + c];
+      }
+    }
+  }
 }
 
 // `rows` rows of `cols` elements as a micro-kernel operand of type acc_t. The input is used in
@@ -89,6 +106,50 @@ inline void mask_scores(const AttentionParams& p, int64_t batch, int64_t key0, i
       std::fill(row, row + first, kNegInf);
       std::fill(row + end, row + queries, kNegInf);
     }
+  }
+}
+
+// One key block of the forward's online softmax, in the exp2 domain, on an S^T tile
+// (row j = key, kBlockQueries query columns, row stride kBlockQueries):
+//   m' = max(m, max_j S_j * scale * log2(e)),  P_j = 2^(S_j * scale * log2(e) - m'),
+//   l' = l * 2^(m - m') + sum_j P_j,           rescale = 2^(m - m')
+// P^T overwrites the tile (rows [0, keys)); row_max = m, row_sum = l, rescale are per query. A
+// query with nothing visible yet keeps m = -inf and uses shift 0, so its P is 2^-inf = 0 rather
+// than NaN. The loops run over all query columns at once: independent max and sum chains rather
+// than one dependency chain per column (columns past the block's queries hold finite junk that is
+// never used).
+template <typename T>
+inline void online_softmax_step(T* scores_t, int64_t keys, Vectorized<T> scale_log2, T* row_max, T* row_sum,
+                                T* rescale) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t L = Vec::size();
+  constexpr int kVectors = kBlockQueries / L;
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  Vec block_max[kVectors], shift[kVectors], sum[kVectors];
+  for (int v = 0; v < kVectors; ++v) block_max[v] = Vec(kNegInf);
+  for (int64_t j = 0; j < keys; ++j) {
+    for (int v = 0; v < kVectors; ++v) {
+      block_max[v] = at::vec::maximum(block_max[v], Vec::loadu(scores_t + j * kBlockQueries + v * L));
+    }
+  }
+  for (int v = 0; v < kVectors; ++v) {
+    const Vec old_max = Vec::loadu(row_max + v * L);
+    const Vec new_max = at::vec::maximum(old_max, block_max[v] * scale_log2);
+    shift[v] = Vec::blendv(new_max, Vec(T(0)), new_max == Vec(kNegInf));
+    exp2(old_max - shift[v]).store(rescale + v * L);
+    new_max.store(row_max + v * L);
+    sum[v] = Vec(T(0));
+  }
+  for (int64_t j = 0; j < keys; ++j) {
+    for (int v = 0; v < kVectors; ++v) {
+      T* s = scores_t + j * kBlockQueries + v * L;
+      const Vec prob = exp2(at::vec::fmsub(Vec::loadu(s), scale_log2, shift[v]));
+      prob.store(s);
+      sum[v] = sum[v] + prob;
+    }
+  }
+  for (int v = 0; v < kVectors; ++v) {
+    at::vec::fmadd(Vec::loadu(row_sum + v * L), Vec::loadu(rescale + v * L), sum[v]).store(row_sum + v * L);
   }
 }
 

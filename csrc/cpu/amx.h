@@ -1,0 +1,154 @@
+// Intel AMX (Advanced Matrix Extensions) building blocks for the bf16 CPU kernels.
+//
+// An AMX tile multiply (TDPBF16PS) takes a 16 x 32 bf16 tile A, a 16-row tile B in "VNNI" form
+// (rows of k-pairs: B[k][n] at row k / 2, element 2n + k % 2) and accumulates the 16 x 16 product
+// into an fp32 tile, about ten times the bf16 rate of AVX-512 FMAs. The kernels keep softmax and
+// every accumulation in fp32 and feed AMX only products of bf16 values, as PyTorch's own bf16 CPU
+// attention does.
+//
+// The AMX path exists when the compiler targets AMX (-march=native on an AMX machine sets
+// __AMX_TILE__ / __AMX_BF16__) and the kernel lets this process use the tile registers (asked
+// once with arch_prctl); otherwise amx_bf16_available() is false and callers use the AVX-512 /
+// at::vec path.
+#pragma once
+
+#include "cpu/simd.h"  // must precede other ATen headers: it selects at::vec's ISA
+
+#include <c10/util/BFloat16.h>
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(CPU_CAPABILITY_AVX512) && defined(__linux__)
+#define FASTATTN_HAS_AMX 1
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+namespace fastattn::cpu {
+
+using BFloat16 = c10::BFloat16;
+
+#if defined(FASTATTN_HAS_AMX)
+
+// Asks Linux once for permission to use the AMX tile data (ARCH_REQ_XCOMP_PERM for
+// XFEATURE_XTILEDATA); true when granted.
+inline bool amx_bf16_available() {
+  static const bool granted = [] {
+    constexpr long kArchRequestPermission = 0x1023;
+    constexpr long kXFeatureTileData = 18;
+    return syscall(SYS_arch_prctl, kArchRequestPermission, kXFeatureTileData) == 0;
+  }();
+  return granted;
+}
+
+// Loads the tile configuration on this thread for its lifetime: the eight tiles all 16 rows of
+// 64 bytes (16 x 16 fp32 or 16 x 32 bf16). Tiles 0-3 hold C, 4-5 A, 6-7 B in amx_gemm.
+class AmxTileScope {
+ public:
+  AmxTileScope() {
+    struct alignas(64) Config {
+      uint8_t palette = 1;
+      uint8_t start_row = 0;
+      uint8_t reserved[14] = {};
+      uint16_t bytes_per_row[16] = {};
+      uint8_t rows[16] = {};
+    } config;
+    for (int tile = 0; tile < 8; ++tile) {
+      config.bytes_per_row[tile] = 64;
+      config.rows[tile] = 16;
+    }
+    _tile_loadconfig(&config);
+  }
+  ~AmxTileScope() { _tile_release(); }
+  AmxTileScope(const AmxTileScope&) = delete;
+  AmxTileScope& operator=(const AmxTileScope&) = delete;
+};
+
+// C[M x N] (fp32, row stride ldc) = (ACCUMULATE: +=) A[M x K] (bf16, row stride lda) * B, with B
+// in VNNI form: b_vnni[(k / 2) * ldb + 2 * n + k % 2] = B[k][n]. M, N and K are multiples of 32.
+// 2 x 2 blocks of C tiles, each k step loading two A and two B tiles for four multiplies. Needs an
+// AmxTileScope on the calling thread.
+template <bool ACCUMULATE>
+inline void amx_gemm(int64_t M, int64_t N, int64_t K, const BFloat16* a, int64_t lda, const BFloat16* b_vnni,
+                     int64_t ldb, float* c, int64_t ldc) {
+  const int64_t a_stride = lda * int64_t(sizeof(BFloat16)), b_stride = ldb * int64_t(sizeof(BFloat16));
+  const int64_t c_stride = ldc * int64_t(sizeof(float));
+  for (int64_t m0 = 0; m0 < M; m0 += 32) {
+    for (int64_t n0 = 0; n0 < N; n0 += 32) {
+      float* c00 = c + m0 * ldc + n0;
+      float* c10 = c00 + 16 * ldc;
+      if constexpr (ACCUMULATE) {
+        _tile_loadd(0, c00, c_stride);
+        _tile_loadd(1, c00 + 16, c_stride);
+        _tile_loadd(2, c10, c_stride);
+        _tile_loadd(3, c10 + 16, c_stride);
+      } else {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+      }
+      for (int64_t k0 = 0; k0 < K; k0 += 32) {
+        const BFloat16* a0 = a + m0 * lda + k0;
+        const BFloat16* b0 = b_vnni + (k0 / 2) * ldb + 2 * n0;
+        _tile_loadd(4, a0, a_stride);
+        _tile_loadd(5, a0 + 16 * lda, a_stride);
+        _tile_loadd(6, b0, b_stride);
+        _tile_loadd(7, b0 + 32, b_stride);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      _tile_stored(0, c00, c_stride);
+      _tile_stored(1, c00 + 16, c_stride);
+      _tile_stored(2, c10, c_stride);
+      _tile_stored(3, c10 + 16, c_stride);
+    }
+  }
+}
+
+// B = P (fp32 [rows x 16 n] blocks, row stride ld) in VNNI bf16 form, dst row r = rows 2r and 2r+1
+// interleaved element by element; rows at or past `rows` (up to padded_rows) are zero.
+// Used for P^T and dS^T tiles (k = keys, n = queries).
+inline void pack_rows_vnni(const float* src, int64_t ld, int64_t rows, int64_t padded_rows, int64_t cols,
+                           BFloat16* dst, int64_t dst_ld) {
+  // Interleaves the 16 converted values of row 2r (low half) with those of row 2r+1 (high half).
+  static const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
+                                                     24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
+                                                     16, 0);
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t r = 0; 2 * r < padded_rows; ++r) {
+    const float* even = src + 2 * r * ld;
+    const float* odd = even + ld;
+    for (int64_t n = 0; n < cols; n += 16) {
+      const __m512 lo = 2 * r < rows ? _mm512_loadu_ps(even + n) : zero;
+      const __m512 hi = 2 * r + 1 < rows ? _mm512_loadu_ps(odd + n) : zero;
+      const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+      _mm512_storeu_si512(dst + r * dst_ld + 2 * n, _mm512_permutexvar_epi16(interleave, both));
+    }
+  }
+}
+
+#else
+
+inline bool amx_bf16_available() { return false; }
+
+#endif  // FASTATTN_HAS_AMX
+
+// B = src^T in VNNI bf16 form (src: `rows` rows of `cols` elements, row stride src_row_stride):
+// dst[(c / 2) * dst_ld + 2 * r + c % 2] = src[r][c], i.e. a transpose of 32-bit pairs. Rows
+// [rows, padded_rows) and columns [cols, padded_cols) are zero. Used for q^T and dout^T.
+template <typename src_t>
+inline void pack_transposed_vnni(const src_t* src, int64_t src_row_stride, int64_t rows, int64_t padded_rows,
+                                 int64_t cols, int64_t padded_cols, BFloat16* dst, int64_t dst_ld) {
+  for (int64_t pair = 0; 2 * pair < padded_cols; ++pair) std::memset(dst + pair * dst_ld, 0, 2 * padded_rows * sizeof(BFloat16));
+  for (int64_t r = 0; r < rows; ++r) {
+    const src_t* row = src + r * src_row_stride;
+    for (int64_t c = 0; c < cols; ++c) dst[(c / 2) * dst_ld + 2 * r + c % 2] = static_cast<BFloat16>(row[c]);
+  }
+}
+
+}  // namespace fastattn::cpu
