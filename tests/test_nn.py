@@ -540,3 +540,23 @@ def test_self_attention_gqa_causal_window(heads, kv_heads, causal, window):
     oracle = self_attention_reference(module, x.double(), padding, torch.float64)
     base = self_attention_reference(module, x, padding, torch.float32)
     assert_close_to_oracle(out.detach(), oracle.detach(), base.detach(), factor=OUTPUT_FACTOR)
+
+
+def test_copy_task_example_runs(tmp_path):
+    """examples/copy_task.py end to end on a tiny problem (the real run takes minutes)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "copy_task.py"
+    spec = importlib.util.spec_from_file_location("copy_task", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    threads = torch.get_num_threads()
+    try:
+        runs = example.main(["--length", "6", "--window", "2", "--steps", "4", "--batch", "8", "--dim", "16",
+                             "--log-every", "2", "--out", ""])
+    finally:
+        torch.set_num_threads(threads)
+    assert len(runs) == 2
+    for history in runs.values():
+        assert history["step"] == [2, 4] and 0.0 <= history["final_accuracy"][0] <= 1.0
