@@ -205,8 +205,11 @@ def test_multihead_attention_matches_torch(case, batch_first, need_weights, fuse
 @pytest.mark.parametrize("need_weights", [False, True])
 def test_unbatched_inputs(need_weights, fused_calls):
     reference, fast = paired_mha(batch_first=True)
-    assert_equivalent(reference, fast, mha_args({}, "cross", {"kpm": "bool"}, True, need_weights, batched=False))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert_equivalent(reference, fast, mha_args({}, "cross", {"kpm": "bool"}, True, need_weights, batched=False))
     assert bool(fused_calls) != need_weights
+    assert len([w for w in caught if issubclass(w.category, FastAttnFallbackWarning)]) == int(need_weights)
 
 
 def test_average_attn_weights_false_returns_per_head_weights():
@@ -453,8 +456,10 @@ def test_encoder_stack_in_eval_mode_uses_fastattn(fused_calls):
 
 def make_transformer(batch_first):
     torch.manual_seed(0)
-    return torch.nn.Transformer(d_model=E, nhead=H, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=48,
-                                dropout=0.0, batch_first=batch_first)
+    with warnings.catch_warnings():  # torch's note that nested tensors need batch_first
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.nn.Transformer(d_model=E, nhead=H, num_encoder_layers=2, num_decoder_layers=2,
+                                    dim_feedforward=48, dropout=0.0, batch_first=batch_first)
 
 
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])

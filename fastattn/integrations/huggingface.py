@@ -36,7 +36,7 @@ from .. import functional, masks
 from ..nn._dense import warn_dense_once
 from ..nn._mask_patterns import FULL_WINDOW, Window, intersect_windows, is_compiling
 
-__all__ = ["register", "FastAttnMask", "attention_forward", "mask_function", "NAME"]
+__all__ = ["register", "FastAttnMask", "attention_forward", "mask_function", "pattern_of", "NAME"]
 
 NAME = "fastattn"
 _OWNER = "fastattn (transformers attn_implementation)"
@@ -79,11 +79,16 @@ def _pattern_codes() -> Dict[str, object]:
     """The code objects of transformers' mask-function closures: every closure one of its factories
     returns shares its factory's inner code object, which identifies it exactly."""
     mu, _, _ = _transformers()
-    return {
-        "and": mu.and_masks(mu.causal_mask_function).__code__,
-        "sliding_causal_overlay": mu.sliding_window_overlay(1).__code__,
-        "sliding_bidirectional_overlay": mu.sliding_window_bidirectional_overlay(1).__code__,
-    }
+    factories = {"and": lambda: mu.and_masks(mu.causal_mask_function),
+                 "sliding_causal_overlay": lambda: mu.sliding_window_overlay(1),
+                 "sliding_bidirectional_overlay": lambda: mu.sliding_window_bidirectional_overlay(1)}
+    codes = {}
+    for name, make in factories.items():
+        try:
+            codes[name] = make().__code__
+        except AttributeError:  # a transformers version without that factory: never matched
+            codes[name] = None
+    return codes
 
 
 def _closure_values(fn) -> Dict[str, object]:
@@ -107,7 +112,7 @@ def pattern_of(fn: Callable) -> Optional[Window]:
     if fn is mu.bidirectional_mask_function:
         return FULL_WINDOW
     code, codes = getattr(fn, "__code__", None), _pattern_codes()
-    if code is None:
+    if code is None or getattr(fn, "__closure__", None) is None:
         return None
     values = _closure_values(fn)
     if code is codes["and"]:
