@@ -12,6 +12,8 @@ Backends: ``cpp`` (compiled C++ kernels, CPU and CUDA), ``triton`` (GPU) and ``r
 from . import _ops, masks
 from .backends import BackendNotSupportedError, FastAttnFallbackWarning
 from .functional import attention, flash_attn_func
+from . import nn
+from .nn import swap_attention
 
 __version__ = "0.1.0"
 
@@ -19,5 +21,5 @@ __version__ = "0.1.0"
 # not, the cpp backend reports why and dispatch skips it.
 _ops.load_cpp_library()
 
-__all__ = ["attention", "flash_attn_func", "masks", "FastAttnFallbackWarning", "BackendNotSupportedError",
-           "__version__"]
+__all__ = ["attention", "flash_attn_func", "masks", "nn", "swap_attention", "FastAttnFallbackWarning",
+           "BackendNotSupportedError", "__version__"]
