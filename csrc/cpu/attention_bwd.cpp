@@ -41,13 +41,16 @@ inline void unpack_rows(acc_t* src, int64_t ld, int64_t rows, int64_t cols, acc_
   }
 }
 
-// Per query row of the whole problem: q^T and dout^T (for each (batch, head) a [D x Nq_pad] and
-// a [Dv x Nq_pad] block), delta and lse * log2(e). Queries past Nq (up to Nq_pad, whole query
-// blocks) are padding: q^T = dout^T = 0, delta = 0 and lse_log2 = +inf, so their P is 0.
+// Per query row of the whole problem: q^T and dout^T, delta and lse * log2(e). q^T and dout^T are
+// stored as one panel per query block ([D x kBlockQueries] and [Dv x kBlockQueries], row stride
+// kBlockQueries): a panel is the B operand of a tile product, and one [D x Nq] matrix instead
+// would put its rows Nq floats apart, a power of two for common lengths, so that they all fall
+// in the same L1 sets (measured: the two products reading it ran 30% slower). Queries past Nq (up
+// to whole blocks) are padding: q^T = dout^T = 0, delta = 0 and lse_log2 = +inf, so their P is 0.
 // lse_log2 is +inf also for rows that saw no key in the forward (lse = -inf).
 template <typename acc_t>
 struct QueryRows {
-  int64_t length, head_dim, head_dim_v;  // length = Nq_pad
+  int64_t length, head_dim, head_dim_v;  // length = Nq rounded up to whole query blocks
   std::vector<acc_t> q_t, dout_t, delta, lse_log2;
 
   QueryRows(const AttentionParams& p)
@@ -56,10 +59,11 @@ struct QueryRows {
         dout_t(p.batch * p.heads_q * head_dim_v * length), delta(p.batch * p.heads_q * length, acc_t(0)),
         lse_log2(p.batch * p.heads_q * length, std::numeric_limits<acc_t>::infinity()) {}
 
-  // Pointers to the column / entry of query row0 of (batch, head) = batch_head.
-  acc_t* q_t_at(int64_t batch_head, int64_t row0) { return q_t.data() + batch_head * head_dim * length + row0; }
+  // The panels of the query block starting at row0 (a multiple of kBlockQueries) of (batch, head)
+  // = batch_head, and the delta / lse_log2 entries from row0 on.
+  acc_t* q_t_at(int64_t batch_head, int64_t row0) { return q_t.data() + (batch_head * length + row0) * head_dim; }
   acc_t* dout_t_at(int64_t batch_head, int64_t row0) {
-    return dout_t.data() + batch_head * head_dim_v * length + row0;
+    return dout_t.data() + (batch_head * length + row0) * head_dim_v;
   }
   acc_t* delta_at(int64_t batch_head, int64_t row0) { return delta.data() + batch_head * length + row0; }
   acc_t* lse_log2_at(int64_t batch_head, int64_t row0) { return lse_log2.data() + batch_head * length + row0; }
@@ -143,10 +147,10 @@ inline void probabilities_and_dscores(const AttentionParams& p, int64_t batch, i
   acc_t* probs_t = w.probs_t.data();
   acc_t* dscores_t = w.dscores_t.data();
   gemm<acc_t, Accumulate::kOverwrite>(keys, row_width, p.head_dim, k, k_ld, 1, query_rows.q_t_at(batch_head, row0),
-                                      query_rows.length, probs_t, BM);
+                                      BM, probs_t, BM);
   mask_scores(p, batch, key0, keys, row0, rows, BM, probs_t);
   gemm<acc_t, Accumulate::kOverwrite>(keys, row_width, p.head_dim_v, v, v_ld, 1,
-                                      query_rows.dout_t_at(batch_head, row0), query_rows.length, dscores_t, BM);
+                                      query_rows.dout_t_at(batch_head, row0), BM, dscores_t, BM);
   const acc_t* lse_log2 = query_rows.lse_log2_at(batch_head, row0);
   const acc_t* delta = query_rows.delta_at(batch_head, row0);
   const Vec scale_vec(scale_log2);
@@ -193,13 +197,13 @@ void attention_backward_kernel(const AttentionParams& p) {
     acc_t* dout_t = query_rows.dout_t_at(batch_head, row0);
     // Columns [rows, BM) of the last block are the padding queries: zero.
     pack_rows_transposed(q_base + p.q_strides.offset(batch, head, row0), p.q_strides.row, rows, BM, D,
-                         query_rows.q_t_at(batch_head, row0), query_rows.length);
+                         query_rows.q_t_at(batch_head, row0), BM);
     pack_rows_transposed(dout_base + p.dout_strides.offset(batch, head, row0), p.dout_strides.row, rows, BM, Dv,
-                         dout_t, query_rows.length);
+                         dout_t, BM);
     for (int64_t i = 0; i < rows; ++i) {
       const scalar_t* o = out_base + p.out_strides.offset(batch, head, row0 + i);
       acc_t dot = 0;
-      for (int64_t d = 0; d < Dv; ++d) dot += static_cast<acc_t>(o[d]) * dout_t[d * query_rows.length + i];
+      for (int64_t d = 0; d < Dv; ++d) dot += static_cast<acc_t>(o[d]) * dout_t[d * BM + i];
       const acc_t lse = lse_base[batch_head * p.seqlen_q + row0 + i];
       query_rows.delta_at(batch_head, row0)[i] = dot;
       query_rows.lse_log2_at(batch_head, row0)[i] =
@@ -231,9 +235,9 @@ void attention_backward_kernel(const AttentionParams& p) {
         const int64_t rows = std::min(BM, row_end - row0);
         int64_t dout_ld, q_ld;
         const acc_t* dout = rows_operand(dout_base + p.dout_strides.offset(batch, head, row0), p.dout_strides.row,
-                                         rows, Dv, /*whole_vectors=*/true, w.dout.data(), Dv_pad, &dout_ld);
+                                         rows, Dv, /*b_operand=*/true, w.dout.data(), Dv_pad, &dout_ld);
         const acc_t* q = rows_operand(q_base + p.q_strides.offset(batch, head, row0), p.q_strides.row, rows, D,
-                                      /*whole_vectors=*/true, w.q.data(), D_pad, &q_ld);
+                                      /*b_operand=*/true, w.q.data(), D_pad, &q_ld);
         std::fill(w.dq.begin(), w.dq.end(), acc_t(0));
         // Whole key blocks, so that each lands on the same rows of the partial buffers.
         const int64_t key_end = p.end_visible_key(row0 + rows - 1);
@@ -241,11 +245,11 @@ void attention_backward_kernel(const AttentionParams& p) {
           const int64_t keys = std::min(BN, p.seqlen_k - key0);
           if (all_keys_padded(p, batch, key0, keys)) continue;
           int64_t k_ld, v_ld;
-          // k is both the A operand of S^T and the B operand of dq, so it needs whole vectors.
+          // k is both the A operand of S^T and the B operand of dq.
           const acc_t* k = rows_operand(k_base + p.k_strides.offset(batch, kv_head, key0), p.k_strides.row, keys, D,
-                                        /*whole_vectors=*/true, w.k.data(), D_pad, &k_ld);
+                                        /*b_operand=*/true, w.k.data(), D_pad, &k_ld);
           const acc_t* v = rows_operand(v_base + p.v_strides.offset(batch, kv_head, key0), p.v_strides.row, keys, Dv,
-                                        /*whole_vectors=*/false, w.v.data(), Dv_pad, &v_ld);
+                                        /*b_operand=*/false, w.v.data(), Dv_pad, &v_ld);
           probabilities_and_dscores(p, batch, key0, keys, k, k_ld, v, v_ld, query_rows, batch_head, row0, rows,
                                     scale_log2, w);
           // dv += P^T dout and dk += dS^T q (rows of the transposed tiles as A); dq += dS k, with

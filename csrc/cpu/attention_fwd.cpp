@@ -82,9 +82,9 @@ void attention_forward_kernel(const AttentionParams& p) {
       if (all_keys_padded(p, batch, key0, keys)) continue;
       int64_t k_ld, v_ld;
       const acc_t* k = rows_operand(k_base + p.k_strides.offset(batch, kv_head, key0), p.k_strides.row, keys, D,
-                                    /*whole_vectors=*/false, w.k.data(), D, &k_ld);
+                                    /*b_operand=*/false, w.k.data(), D, &k_ld);
       const acc_t* v = rows_operand(v_base + p.v_strides.offset(batch, kv_head, key0), p.v_strides.row, keys, Dv,
-                                    /*whole_vectors=*/true, w.v.data(), Dv_pad, &v_ld);
+                                    /*b_operand=*/true, w.v.data(), Dv_pad, &v_ld);
       acc_t* s_t = w.scores_t.data();
       gemm<acc_t, Accumulate::kOverwrite>(keys, row_width, D, k, k_ld, 1, w.q_t.data(), BM, s_t, BM);
       mask_scores(p, batch, key0, keys, row0, rows, BM, s_t);

@@ -67,15 +67,17 @@ inline void transpose_rows(const T* src, int64_t src_row_stride, int64_t rows, i
 }
 
 // `rows` rows of `cols` elements as a micro-kernel operand of type acc_t. The input is used in
-// place when it already is acc_t and, for a B operand (`whole_vectors`), its rows are a whole
-// number of vectors; otherwise it is converted into `buffer` (row stride buffer_ld, whose padding
-// columns the caller keeps zero). Returns the operand and sets *ld to its row stride.
+// place when it already is acc_t and either is an A operand (`b_operand` false: read one scalar
+// per row per step) or is a B operand whose rows are dense and a whole number of vectors. A B
+// operand's rows are re-read by every row tile, so strided rows (e.g. the (B, N, H, D) layout,
+// rows H * D apart, often a multiple of 1 KiB) would fall into few L1 sets; those, and other
+// dtypes, are converted into `buffer` (row stride buffer_ld, whose padding columns the caller
+// keeps zero). Returns the operand and sets *ld to its row stride.
 template <typename scalar_t, typename acc_t>
-inline const acc_t* rows_operand(const scalar_t* src, int64_t src_row_stride, int64_t rows,
-                                 int64_t cols, bool whole_vectors, acc_t* buffer,
-                                 int64_t buffer_ld, int64_t* ld) {
+inline const acc_t* rows_operand(const scalar_t* src, int64_t src_row_stride, int64_t rows, int64_t cols,
+                                 bool b_operand, acc_t* buffer, int64_t buffer_ld, int64_t* ld) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    if (!whole_vectors || cols % Vectorized<acc_t>::size() == 0) {
+    if (!b_operand || (src_row_stride == cols && cols % Vectorized<acc_t>::size() == 0)) {
       *ld = src_row_stride;
       return src;
     }
