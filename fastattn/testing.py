@@ -12,7 +12,11 @@ outputs, 3 for gradients), plus a floor.
   (``attention_ref_grads(upcast=False)``), so that its error is a fair yardstick even in float64
   or where autograd's softmax backward would be exact by cancellation.
 * The floor is twice the error of merely rounding the oracle to the output dtype, plus 4 ulps of
-  the accumulation dtype (float32, or float64 for float64 inputs) of the oracle's largest value.
+  the accumulation dtype (float32, or float64 for float64 inputs) of the problem's magnitude: the
+  oracle's largest value, and for a gradient the largest of all three oracle gradients (dq, dk
+  and dv come from the same products dout v^T and P^T dout). Without the latter, a gradient that
+  is exactly 0 (dq of a row that sees a single key: dS = P (dP - delta) cancels) would have to
+  come out exactly 0, which only a kernel summing dP and delta in the same order achieves.
 """
 
 from __future__ import annotations
@@ -101,14 +105,12 @@ def random_padding_mask(batch: int, seqlen_k: int, *, fraction: float = 0.3, ful
     return mask.to(device)
 
 
-def error_floor(oracle: torch.Tensor, dtype: torch.dtype) -> float:
+def error_floor(oracle: torch.Tensor, dtype: torch.dtype, magnitude: float = 0.0) -> float:
     """The part of the tolerance no kernel can beat: rounding the exact answer to `dtype`, and a
-    few ulps of accumulation at the oracle's largest value."""
+    few ulps of accumulation at the problem's magnitude (at least the oracle's largest value)."""
     finite = oracle[torch.isfinite(oracle)]
-    if finite.numel() == 0:
-        return 0.0
-    rounding = (finite.to(dtype).double() - finite.double()).abs().max().item()
-    largest = finite.abs().max().item()
+    rounding = 0.0 if finite.numel() == 0 else (finite.to(dtype).double() - finite.double()).abs().max().item()
+    largest = max(magnitude, 0.0 if finite.numel() == 0 else finite.abs().max().item())
     accumulation_eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
     return 2.0 * rounding + 4.0 * accumulation_eps * largest
 
@@ -124,17 +126,18 @@ def max_error(actual: torch.Tensor, oracle: torch.Tensor) -> float:
 
 
 def assert_close_to_oracle(actual: torch.Tensor, oracle: torch.Tensor, baseline: torch.Tensor, *,
-                           factor: float, name: str = "output") -> Dict[str, float]:
+                           factor: float, name: str = "output", magnitude: float = 0.0) -> Dict[str, float]:
     """Asserts ``err(actual) <= factor * err(baseline) + error_floor`` against the oracle.
 
     `actual` is the kernel's result, `baseline` plain PyTorch math at the same precision,
-    `oracle` the float64 result. Returns the numbers for reporting.
+    `oracle` the float64 result, `magnitude` the problem's scale if larger than the oracle's (see
+    the module docstring). Returns the numbers for reporting.
     """
     assert actual.shape == oracle.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(oracle.shape)}"
     assert not torch.isnan(actual).any(), f"{name}: contains NaN"
     err = max_error(actual, oracle)
     base = max_error(baseline, oracle)
-    floor = error_floor(oracle, actual.dtype)
+    floor = error_floor(oracle, actual.dtype, magnitude)
     bound = factor * base + floor
     assert err <= bound, (f"{name}: max error {err:.3g} > {factor} x PyTorch's {base:.3g} + floor {floor:.3g}"
                           f" (dtype {actual.dtype})")

@@ -110,15 +110,21 @@ inline void amx_gemm(int64_t M, int64_t N, int64_t K, const BFloat16* a, int64_t
   }
 }
 
-// B = P (fp32 [rows x 16 n] blocks, row stride ld) in VNNI bf16 form, dst row r = rows 2r and 2r+1
-// interleaved element by element; rows at or past `rows` (up to padded_rows) are zero.
-// Used for P^T and dS^T tiles (k = keys, n = queries).
+// The 16 values of `even` and the 16 of `odd` rounded to bf16 and interleaved, even first: one
+// 64-byte row of a VNNI B operand (pair of k rows, 16 columns).
+inline __m512i interleave_bf16(__m512 even, __m512 odd) {
+  // cvtne2ps puts `even` in the low 16 lanes and `odd` in the high ones; the permutation then
+  // takes lanes 0, 16, 1, 17, ...
+  const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22,
+                                         6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  return _mm512_permutexvar_epi16(order, (__m512i)_mm512_cvtne2ps_pbh(odd, even));
+}
+
+// src (fp32, row stride ld) in VNNI bf16 form: dst row r = rows 2r and 2r+1 interleaved element
+// by element; rows at or past `rows` (up to padded_rows) are zero. Used for P^T tiles
+// (k = keys, n = queries). cols is a multiple of 16.
 inline void pack_rows_vnni(const float* src, int64_t ld, int64_t rows, int64_t padded_rows, int64_t cols,
                            BFloat16* dst, int64_t dst_ld) {
-  // Interleaves the 16 converted values of row 2r (low half) with those of row 2r+1 (high half).
-  static const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
-                                                     24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
-                                                     16, 0);
   const __m512 zero = _mm512_setzero_ps();
   for (int64_t r = 0; 2 * r < padded_rows; ++r) {
     const float* even = src + 2 * r * ld;
@@ -126,8 +132,7 @@ inline void pack_rows_vnni(const float* src, int64_t ld, int64_t rows, int64_t p
     for (int64_t n = 0; n < cols; n += 16) {
       const __m512 lo = 2 * r < rows ? _mm512_loadu_ps(even + n) : zero;
       const __m512 hi = 2 * r + 1 < rows ? _mm512_loadu_ps(odd + n) : zero;
-      const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
-      _mm512_storeu_si512(dst + r * dst_ld + 2 * n, _mm512_permutexvar_epi16(interleave, both));
+      _mm512_storeu_si512(dst + r * dst_ld + 2 * n, interleave_bf16(lo, hi));
     }
   }
 }
@@ -148,6 +153,19 @@ inline void pack_transposed_vnni(const src_t* src, int64_t src_row_stride, int64
   for (int64_t r = 0; r < rows; ++r) {
     const src_t* row = src + r * src_row_stride;
     for (int64_t c = 0; c < cols; ++c) dst[(c / 2) * dst_ld + 2 * r + c % 2] = static_cast<BFloat16>(row[c]);
+  }
+}
+
+// The same VNNI form from any element type (bf16 q or dout rows, row stride src_row_stride):
+// dst[(r / 2) * dst_ld + 2 * c + r % 2] = src[r][c], zero for r in [rows, padded_rows) and c in
+// [cols, padded_cols). Used for the B operands of dk += dS^T q and dv += P^T dout (k = queries).
+template <typename src_t>
+inline void pack_row_pairs_vnni(const src_t* src, int64_t src_row_stride, int64_t rows, int64_t padded_rows,
+                                int64_t cols, int64_t padded_cols, BFloat16* dst, int64_t dst_ld) {
+  for (int64_t pair = 0; 2 * pair < padded_rows; ++pair) std::memset(dst + pair * dst_ld, 0, 2 * padded_cols * sizeof(BFloat16));
+  for (int64_t r = 0; r < rows; ++r) {
+    const src_t* row = src + r * src_row_stride;
+    for (int64_t c = 0; c < cols; ++c) dst[(r / 2) * dst_ld + 2 * c + r % 2] = static_cast<BFloat16>(row[c]);
   }
 }
 

@@ -18,8 +18,13 @@
 // 256 rows, partial buffers within a memory budget), so results are bitwise identical run after
 // run and for any thread count. Only blocks inside the window are visited (cost ~ N * window).
 //
+// bf16 inputs run on AMX tiles when the CPU and OS allow it (attention_backward_amx below): the
+// same chunks, tiles and fp32 softmax statistics, with the five products as bf16 x bf16 -> fp32
+// tile multiplies.
+//
 // Not supported: a gradient flowing into lse (it is returned as non-differentiable).
 #include "cpu/attention_tiles.h"  // first: selects at::vec's ISA
+#include "cpu/amx.h"
 
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -89,7 +94,7 @@ struct Workspace {
 // reaches (whole key blocks), where its dk/dv partial sums live.
 struct ChunkPlan {
   int64_t count = 0, rows = 0;                 // chunks, query rows per chunk (whole blocks)
-  std::vector<int64_t> key_begin, key_end;     // per chunk, multiples of kBlockKeys (end capped at Nk)
+  std::vector<int64_t> key_begin, key_end;     // per chunk, whole key blocks (may pass Nk)
   std::vector<int64_t> offset;                 // per chunk: first key row of its partial buffer
   int64_t partial_rows = 0;                    // sum of the chunks' key ranges
 
@@ -109,7 +114,8 @@ struct ChunkPlan {
     for (int64_t c = 0; c < count; ++c) {
       const int64_t row_begin = c * rows, row_end = std::min(p.seqlen_q, row_begin + rows);
       const int64_t first = p.first_visible_key(row_begin) / kBlockKeys * kBlockKeys;
-      const int64_t end = std::max(first, p.end_visible_key(row_end - 1));
+      // Whole blocks: a tile product writes all rows of the key block it covers.
+      const int64_t end = round_up(std::max(first, p.end_visible_key(row_end - 1)), kBlockKeys);
       key_begin.push_back(first);
       key_end.push_back(end);
       offset.push_back(partial_rows);
@@ -165,6 +171,79 @@ inline void probabilities_and_dscores(const AttentionParams& p, int64_t batch, i
   }
 }
 
+// delta = rowsum(dout * out) and lse * log2(e) (+inf where lse = -inf, so that P = 0) for the
+// query rows [row0, row0 + rows) of (batch, head).
+template <typename scalar_t, typename acc_t>
+inline void row_statistics(const AttentionParams& p, int64_t batch, int64_t head, int64_t row0, int64_t rows,
+                           acc_t* delta, acc_t* lse_log2) {
+  constexpr acc_t kLog2e = acc_t(1.4426950408889634);
+  const auto* out_base = static_cast<const scalar_t*>(p.out);
+  const auto* dout_base = static_cast<const scalar_t*>(p.dout);
+  const auto* lse = static_cast<const acc_t*>(p.lse) + (batch * p.heads_q + head) * p.seqlen_q + row0;
+  for (int64_t i = 0; i < rows; ++i) {
+    const scalar_t* o = out_base + p.out_strides.offset(batch, head, row0 + i);
+    const scalar_t* d_o = dout_base + p.dout_strides.offset(batch, head, row0 + i);
+    acc_t dot = 0;
+    for (int64_t d = 0; d < p.head_dim_v; ++d) dot += static_cast<acc_t>(o[d]) * static_cast<acc_t>(d_o[d]);
+    delta[i] = dot;
+    lse_log2[i] = lse[i] == -std::numeric_limits<acc_t>::infinity() ? std::numeric_limits<acc_t>::infinity()
+                                                                     : lse[i] * kLog2e;
+  }
+}
+
+// The dk/dv partial sums of every chunk (fp32/fp64 rows of d_pad / dv_pad, per (batch, kv head)
+// the chunks' key ranges in order) and their reduction into dk = scale * sum, dv = sum, added in
+// chunk order, written in the output dtype.
+template <typename acc_t>
+struct Partials {
+  const ChunkPlan& chunks;
+  int64_t d_pad, dv_pad;
+  std::vector<acc_t> dk, dv;
+
+  Partials(const AttentionParams& p, const ChunkPlan& plan, int64_t d_pad_, int64_t dv_pad_)
+      : chunks(plan), d_pad(d_pad_), dv_pad(dv_pad_),
+        dk(p.batch * p.heads_kv * plan.partial_rows * d_pad, acc_t(0)),
+        dv(p.batch * p.heads_kv * plan.partial_rows * dv_pad, acc_t(0)) {}
+
+  // First row of the chunk's buffers, shifted so that they can be indexed by absolute key row.
+  int64_t row_origin(int64_t kv_batch_head, int64_t chunk) const {
+    return kv_batch_head * chunks.partial_rows + chunks.offset[chunk] - chunks.key_begin[chunk];
+  }
+  acc_t* dk_rows(int64_t kv_batch_head, int64_t chunk) { return dk.data() + row_origin(kv_batch_head, chunk) * d_pad; }
+  acc_t* dv_rows(int64_t kv_batch_head, int64_t chunk) { return dv.data() + row_origin(kv_batch_head, chunk) * dv_pad; }
+
+  template <typename scalar_t>
+  void reduce_into(const AttentionParams& p, acc_t scale) const {
+    using Vec = Vectorized<acc_t>;
+    constexpr int64_t BN = kBlockKeys;
+    const int64_t key_blocks = ceil_div(p.seqlen_k, BN);
+    auto no_workspace = [] { return 0; };
+    parallel_over_blocks(p.batch * p.heads_kv * key_blocks, no_workspace, [&](int64_t item, int) {
+      const int64_t key_block = item % key_blocks, kv_batch_head = item / key_blocks;
+      const int64_t kv_head = kv_batch_head % p.heads_kv, batch = kv_batch_head / p.heads_kv;
+      const int64_t key0 = key_block * BN, keys = std::min(BN, p.seqlen_k - key0);
+      std::vector<acc_t> dk_sum(keys * d_pad, acc_t(0)), dv_sum(keys * dv_pad, acc_t(0));
+      for (int64_t chunk = 0; chunk < chunks.count; ++chunk) {
+        const int64_t first = std::max(key0, chunks.key_begin[chunk]);
+        const int64_t end = std::min(key0 + keys, chunks.key_end[chunk]);
+        const int64_t origin = row_origin(kv_batch_head, chunk);
+        for (int64_t key = first; key < end; ++key) {
+          acc_t* dk_row = dk_sum.data() + (key - key0) * d_pad;
+          acc_t* dv_row = dv_sum.data() + (key - key0) * dv_pad;
+          const acc_t* dk_part = dk.data() + (origin + key) * d_pad;
+          const acc_t* dv_part = dv.data() + (origin + key) * dv_pad;
+          for (int64_t d = 0; d < d_pad; d += Vec::size()) (Vec::loadu(dk_row + d) + Vec::loadu(dk_part + d)).store(dk_row + d);
+          for (int64_t d = 0; d < dv_pad; d += Vec::size()) (Vec::loadu(dv_row + d) + Vec::loadu(dv_part + d)).store(dv_row + d);
+        }
+      }
+      unpack_rows(dk_sum.data(), d_pad, keys, p.head_dim, scale,
+                  static_cast<scalar_t*>(p.dk) + p.dk_strides.offset(batch, kv_head, key0), p.dk_strides.row);
+      unpack_rows(dv_sum.data(), dv_pad, keys, p.head_dim_v, acc_t(1),
+                  static_cast<scalar_t*>(p.dv) + p.dv_strides.offset(batch, kv_head, key0), p.dv_strides.row);
+    });
+  }
+};
+
 template <typename scalar_t>
 void attention_backward_kernel(const AttentionParams& p) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -175,17 +254,12 @@ void attention_backward_kernel(const AttentionParams& p) {
   const int64_t Dv = p.head_dim_v;
   const acc_t scale = static_cast<acc_t>(p.scale);
   const acc_t scale_log2 = scale * kLog2e;
-  const int64_t key_blocks = ceil_div(p.seqlen_k, BN);
 
   const auto* q_base = static_cast<const scalar_t*>(p.q);
   const auto* k_base = static_cast<const scalar_t*>(p.k);
   const auto* v_base = static_cast<const scalar_t*>(p.v);
-  const auto* out_base = static_cast<const scalar_t*>(p.out);
   const auto* dout_base = static_cast<const scalar_t*>(p.dout);
-  const auto* lse_base = static_cast<const acc_t*>(p.lse);
   auto* dq_base = static_cast<scalar_t*>(p.dq);
-  auto* dk_base = static_cast<scalar_t*>(p.dk);
-  auto* dv_base = static_cast<scalar_t*>(p.dv);
 
   // Pre-pass, one query block at a time: q^T, dout^T, delta and lse * log2(e).
   QueryRows<acc_t> query_rows(p);
@@ -200,24 +274,15 @@ void attention_backward_kernel(const AttentionParams& p) {
                          query_rows.q_t_at(batch_head, row0), BM);
     pack_rows_transposed(dout_base + p.dout_strides.offset(batch, head, row0), p.dout_strides.row, rows, BM, Dv,
                          dout_t, BM);
-    for (int64_t i = 0; i < rows; ++i) {
-      const scalar_t* o = out_base + p.out_strides.offset(batch, head, row0 + i);
-      acc_t dot = 0;
-      for (int64_t d = 0; d < Dv; ++d) dot += static_cast<acc_t>(o[d]) * dout_t[d * BM + i];
-      const acc_t lse = lse_base[batch_head * p.seqlen_q + row0 + i];
-      query_rows.delta_at(batch_head, row0)[i] = dot;
-      query_rows.lse_log2_at(batch_head, row0)[i] =
-          lse == -std::numeric_limits<acc_t>::infinity() ? std::numeric_limits<acc_t>::infinity() : lse * kLog2e;
-    }
+    row_statistics<scalar_t>(p, batch, head, row0, rows, query_rows.delta_at(batch_head, row0),
+                             query_rows.lse_log2_at(batch_head, row0));
   });
 
   auto make_workspace = [&] { return Workspace<acc_t>(D, Dv); };
   const int64_t D_pad = round_up(D, Vectorized<acc_t>::size());
   const int64_t Dv_pad = round_up(Dv, Vectorized<acc_t>::size());
   const ChunkPlan chunks(p, (D_pad + Dv_pad) * int64_t(sizeof(acc_t)));
-  // dk/dv partial sums: per (batch, kv head), each chunk's key range, rows of D_pad (dk) / Dv_pad (dv).
-  std::vector<acc_t> dk_partial(p.batch * p.heads_kv * chunks.partial_rows * D_pad, acc_t(0));
-  std::vector<acc_t> dv_partial(p.batch * p.heads_kv * chunks.partial_rows * Dv_pad, acc_t(0));
+  Partials<acc_t> partials(p, chunks, D_pad, Dv_pad);
 
   // Main pass: each item is one chunk of query rows of one (batch, kv head), for every query head
   // of its GQA group.
@@ -226,9 +291,8 @@ void attention_backward_kernel(const AttentionParams& p) {
     const int64_t kv_batch_head = item / chunks.count;
     const int64_t kv_head = kv_batch_head % p.heads_kv, batch = kv_batch_head / p.heads_kv;
     const int64_t row_begin = chunk * chunks.rows, row_end = std::min(p.seqlen_q, row_begin + chunks.rows);
-    const int64_t partial_row0 = kv_batch_head * chunks.partial_rows + chunks.offset[chunk] - chunks.key_begin[chunk];
-    acc_t* dk_chunk = dk_partial.data() + partial_row0 * D_pad;  // indexed by absolute key row
-    acc_t* dv_chunk = dv_partial.data() + partial_row0 * Dv_pad;
+    acc_t* dk_chunk = partials.dk_rows(kv_batch_head, chunk);  // indexed by absolute key row
+    acc_t* dv_chunk = partials.dv_rows(kv_batch_head, chunk);
     for (int64_t head = kv_head * p.kv_group(); head < (kv_head + 1) * p.kv_group(); ++head) {
       const int64_t batch_head = batch * p.heads_q + head;
       for (int64_t row0 = row_begin; row0 < row_end; row0 += BM) {
@@ -266,32 +330,177 @@ void attention_backward_kernel(const AttentionParams& p) {
     }
   });
 
-  // Reduction: dk = scale * sum of the partials, dv = sum, over the chunks in order.
-  using Vec = Vectorized<acc_t>;
-  parallel_over_blocks(p.batch * p.heads_kv * key_blocks, no_workspace, [&](int64_t item, int) {
-    const int64_t key_block = item % key_blocks, kv_batch_head = item / key_blocks;
+  partials.template reduce_into<scalar_t>(p, scale);
+}
+
+#if defined(FASTATTN_HAS_AMX)
+// The B operands of one query block for the AMX backward, in VNNI bf16 form: q^T and dout^T
+// (k = head dim, for S^T = k q^T and dP^T = v dout^T) and q, dout by pairs of rows (k = queries,
+// for dk += dS^T q and dv += P^T dout). Padding queries and head-dim columns are zero.
+struct AmxQueryPanels {
+  int64_t d_pad, dv_pad, blocks;
+  std::vector<BFloat16> q_t, dout_t, q_pairs, dout_pairs;
+  AmxQueryPanels(int64_t batch_heads, int64_t blocks_, int64_t d_pad_, int64_t dv_pad_)
+      : d_pad(d_pad_), dv_pad(dv_pad_), blocks(blocks_), q_t(batch_heads * blocks * d_pad * kBlockQueries),
+        dout_t(batch_heads * blocks * dv_pad * kBlockQueries), q_pairs(q_t.size()), dout_pairs(dout_t.size()) {}
+  int64_t index(int64_t batch_head, int64_t row0) const { return batch_head * blocks + row0 / kBlockQueries; }
+  BFloat16* q_t_at(int64_t batch_head, int64_t row0) { return q_t.data() + index(batch_head, row0) * d_pad * kBlockQueries; }
+  BFloat16* dout_t_at(int64_t batch_head, int64_t row0) {
+    return dout_t.data() + index(batch_head, row0) * dv_pad * kBlockQueries;
+  }
+  BFloat16* q_pairs_at(int64_t batch_head, int64_t row0) {
+    return q_pairs.data() + index(batch_head, row0) * d_pad * kBlockQueries;
+  }
+  BFloat16* dout_pairs_at(int64_t batch_head, int64_t row0) {
+    return dout_pairs.data() + index(batch_head, row0) * dv_pad * kBlockQueries;
+  }
+};
+
+// For one tile: P^T = 2^(S^T * scale * log2(e) - lse_log2) and dS^T = P^T * (dP^T - delta) on
+// rows [0, keys) (rows past them are zero), written as bf16 rows (the A operands of
+// dv += P^T dout and dk += dS^T q) and dS^T also by pairs of rows in VNNI form (the B operand of
+// dq^T += k^T dS^T).
+inline void amx_probabilities_and_dscores(const float* scores_t, const float* dprobs_t, int64_t keys,
+                                          const float* lse_log2, const float* delta, float scale_log2,
+                                          BFloat16* probs, BFloat16* dscores, BFloat16* dscores_vnni) {
+  constexpr int64_t BM = kBlockQueries;
+  const __m512 scale = _mm512_set1_ps(scale_log2);
+  for (int64_t pair = 0; 2 * pair < kBlockKeys; ++pair) {
+    for (int64_t c = 0; c < BM; c += 16) {
+      const __m512 shift = _mm512_loadu_ps(lse_log2 + c), row_delta = _mm512_loadu_ps(delta + c);
+      __m512 dscore[2];
+      for (int half = 0; half < 2; ++half) {
+        const int64_t j = 2 * pair + half;
+        __m512 prob = _mm512_setzero_ps();
+        dscore[half] = _mm512_setzero_ps();
+        if (j < keys) {
+          prob = exp2(Vectorized<float>(_mm512_fmsub_ps(_mm512_loadu_ps(scores_t + j * BM + c), scale, shift)));
+          dscore[half] = _mm512_mul_ps(prob, _mm512_sub_ps(_mm512_loadu_ps(dprobs_t + j * BM + c), row_delta));
+        }
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(probs + j * BM + c), (__m256i)_mm512_cvtneps_pbh(prob));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dscores + j * BM + c), (__m256i)_mm512_cvtneps_pbh(dscore[half]));
+      }
+      _mm512_storeu_si512(dscores_vnni + pair * 2 * BM + 2 * c, interleave_bf16(dscore[0], dscore[1]));
+    }
+  }
+}
+
+// The bf16 backward on AMX: attention_backward_kernel's chunks and tiles, with q^T, dout^T and
+// the pairs of q / dout rows packed once per query block, k, v and k^T once per (batch, kv head)
+// (zero-padded to whole blocks, so tiles never read past the inputs), and the five products
+//   S^T = k q^T,  dP^T = v dout^T,  dv += P^T dout,  dk += dS^T q,  dq^T += k^T dS^T
+// as tile multiplies accumulating in fp32.
+void attention_backward_amx(const AttentionParams& p) {
+  constexpr int64_t BM = kBlockQueries;
+  constexpr int64_t BN = kBlockKeys;
+  static_assert(BM % 32 == 0 && BN % 32 == 0, "AMX blocks are multiples of 32");
+  constexpr float kLog2e = 1.4426950408889634f;
+  const int64_t D = p.head_dim, Dv = p.head_dim_v;
+  const int64_t D_pad = round_up(D, 32), Dv_pad = round_up(Dv, 32);
+  const float scale = static_cast<float>(p.scale);
+  const float scale_log2 = scale * kLog2e;
+  const int64_t query_blocks = ceil_div(p.seqlen_q, BM);
+  const int64_t Nq_pad = query_blocks * BM;
+  const int64_t key_blocks = ceil_div(p.seqlen_k, BN);
+  const int64_t key_rows = key_blocks * BN;
+
+  const auto* q_base = static_cast<const BFloat16*>(p.q);
+  const auto* k_base = static_cast<const BFloat16*>(p.k);
+  const auto* v_base = static_cast<const BFloat16*>(p.v);
+  const auto* dout_base = static_cast<const BFloat16*>(p.dout);
+  auto* dq_base = static_cast<BFloat16*>(p.dq);
+
+  // Per query block: the four B panels, delta and lse * log2(e).
+  const int64_t batch_heads = p.batch * p.heads_q;
+  AmxQueryPanels panels(batch_heads, query_blocks, D_pad, Dv_pad);
+  std::vector<float> delta(batch_heads * Nq_pad, 0.0f);
+  std::vector<float> lse_log2(batch_heads * Nq_pad, std::numeric_limits<float>::infinity());
+  auto no_workspace = [] { return 0; };
+  parallel_over_blocks(QueryBlock::count(p), no_workspace, [&](int64_t item, int) {
+    const QueryBlock block(p, item);
+    const int64_t batch_head = block.batch_head(p), row0 = block.row0, rows = block.rows;
+    const BFloat16* q = q_base + p.q_strides.offset(block.batch, block.head, row0);
+    const BFloat16* dout = dout_base + p.dout_strides.offset(block.batch, block.head, row0);
+    pack_transposed_vnni(q, p.q_strides.row, rows, BM, D, D_pad, panels.q_t_at(batch_head, row0), 2 * BM);
+    pack_transposed_vnni(dout, p.dout_strides.row, rows, BM, Dv, Dv_pad, panels.dout_t_at(batch_head, row0), 2 * BM);
+    pack_row_pairs_vnni(q, p.q_strides.row, rows, BM, D, D_pad, panels.q_pairs_at(batch_head, row0), 2 * D_pad);
+    pack_row_pairs_vnni(dout, p.dout_strides.row, rows, BM, Dv, Dv_pad, panels.dout_pairs_at(batch_head, row0),
+                        2 * Dv_pad);
+    row_statistics<BFloat16>(p, block.batch, block.head, row0, rows, delta.data() + batch_head * Nq_pad + row0,
+                             lse_log2.data() + batch_head * Nq_pad + row0);
+  });
+
+  // Per (batch, kv head): k and v rows and k^T, zero-padded, copied a block of keys at a time.
+  const int64_t kv_heads = p.batch * p.heads_kv;
+  std::vector<BFloat16> k_rows(kv_heads * key_rows * D_pad, BFloat16(0.0f));
+  std::vector<BFloat16> v_rows(kv_heads * key_rows * Dv_pad, BFloat16(0.0f));
+  std::vector<BFloat16> k_t(kv_heads * D_pad * key_rows, BFloat16(0.0f));
+  parallel_over_blocks(kv_heads * key_blocks, no_workspace, [&](int64_t item, int) {
+    const int64_t kv_batch_head = item / key_blocks, key0 = (item % key_blocks) * BN;
+    const int64_t batch = kv_batch_head / p.heads_kv, kv_head = kv_batch_head % p.heads_kv;
+    const int64_t keys = std::min(BN, p.seqlen_k - key0);
+    const BFloat16* k = k_base + p.k_strides.offset(batch, kv_head, key0);
+    pack_rows(k, p.k_strides.row, keys, D, k_rows.data() + (kv_batch_head * key_rows + key0) * D_pad, D_pad);
+    pack_rows(v_base + p.v_strides.offset(batch, kv_head, key0), p.v_strides.row, keys, Dv,
+              v_rows.data() + (kv_batch_head * key_rows + key0) * Dv_pad, Dv_pad);
+    transpose_rows(k, p.k_strides.row, keys, D, k_t.data() + kv_batch_head * D_pad * key_rows + key0, key_rows);
+  });
+
+  const ChunkPlan chunks(p, (D_pad + Dv_pad) * int64_t(sizeof(float)));
+  Partials<float> partials(p, chunks, D_pad, Dv_pad);
+  struct Workspace {
+    AmxTileScope tiles;
+    std::vector<float> scores_t, dprobs_t, dq_t;
+    std::vector<BFloat16> probs, dscores, dscores_vnni;
+    explicit Workspace(int64_t D_pad)
+        : scores_t(BN * BM), dprobs_t(BN * BM), dq_t(D_pad * BM), probs(BN * BM), dscores(BN * BM),
+          dscores_vnni(BN * BM) {}
+  };
+  auto make_workspace = [&] { return Workspace(D_pad); };
+
+  parallel_over_blocks(kv_heads * chunks.count, make_workspace, [&](int64_t item, Workspace& w) {
+    const int64_t chunk = item % chunks.count, kv_batch_head = item / chunks.count;
     const int64_t kv_head = kv_batch_head % p.heads_kv, batch = kv_batch_head / p.heads_kv;
-    const int64_t key0 = key_block * BN, keys = std::min(BN, p.seqlen_k - key0);
-    std::vector<acc_t> dk_sum(keys * D_pad, acc_t(0)), dv_sum(keys * Dv_pad, acc_t(0));
-    for (int64_t chunk = 0; chunk < chunks.count; ++chunk) {
-      const int64_t first = std::max(key0, chunks.key_begin[chunk]);
-      const int64_t end = std::min(key0 + keys, chunks.key_end[chunk]);
-      const int64_t partial_row0 = kv_batch_head * chunks.partial_rows + chunks.offset[chunk] - chunks.key_begin[chunk];
-      for (int64_t key = first; key < end; ++key) {
-        acc_t* dk_row = dk_sum.data() + (key - key0) * D_pad;
-        acc_t* dv_row = dv_sum.data() + (key - key0) * Dv_pad;
-        const acc_t* dk_part = dk_partial.data() + (partial_row0 + key) * D_pad;
-        const acc_t* dv_part = dv_partial.data() + (partial_row0 + key) * Dv_pad;
-        for (int64_t d = 0; d < D_pad; d += Vec::size()) (Vec::loadu(dk_row + d) + Vec::loadu(dk_part + d)).store(dk_row + d);
-        for (int64_t d = 0; d < Dv_pad; d += Vec::size()) (Vec::loadu(dv_row + d) + Vec::loadu(dv_part + d)).store(dv_row + d);
+    const int64_t row_begin = chunk * chunks.rows, row_end = std::min(p.seqlen_q, row_begin + chunks.rows);
+    float* dk_chunk = partials.dk_rows(kv_batch_head, chunk);  // indexed by absolute key row
+    float* dv_chunk = partials.dv_rows(kv_batch_head, chunk);
+    const BFloat16* k_head = k_rows.data() + kv_batch_head * key_rows * D_pad;
+    const BFloat16* v_head = v_rows.data() + kv_batch_head * key_rows * Dv_pad;
+    const BFloat16* k_t_head = k_t.data() + kv_batch_head * D_pad * key_rows;
+    for (int64_t head = kv_head * p.kv_group(); head < (kv_head + 1) * p.kv_group(); ++head) {
+      const int64_t batch_head = batch * p.heads_q + head;
+      for (int64_t row0 = row_begin; row0 < row_end; row0 += BM) {
+        const int64_t rows = std::min(BM, row_end - row0);
+        std::fill(w.dq_t.begin(), w.dq_t.end(), 0.0f);
+        const int64_t key_end = p.end_visible_key(row0 + rows - 1);
+        for (int64_t key0 = p.first_visible_key(row0) / BN * BN; key0 < key_end; key0 += BN) {
+          const int64_t keys = std::min(BN, p.seqlen_k - key0);
+          if (all_keys_padded(p, batch, key0, keys)) continue;
+          float* s_t = w.scores_t.data();
+          amx_gemm<false>(BN, BM, D_pad, k_head + key0 * D_pad, D_pad, panels.q_t_at(batch_head, row0), 2 * BM, s_t,
+                          BM);
+          mask_scores(p, batch, key0, keys, row0, rows, BM, s_t);
+          amx_gemm<false>(BN, BM, Dv_pad, v_head + key0 * Dv_pad, Dv_pad, panels.dout_t_at(batch_head, row0), 2 * BM,
+                          w.dprobs_t.data(), BM);
+          amx_probabilities_and_dscores(s_t, w.dprobs_t.data(), keys, lse_log2.data() + batch_head * Nq_pad + row0,
+                                        delta.data() + batch_head * Nq_pad + row0, scale_log2, w.probs.data(),
+                                        w.dscores.data(), w.dscores_vnni.data());
+          amx_gemm<true>(BN, Dv_pad, BM, w.probs.data(), BM, panels.dout_pairs_at(batch_head, row0), 2 * Dv_pad,
+                         dv_chunk + key0 * Dv_pad, Dv_pad);
+          amx_gemm<true>(BN, D_pad, BM, w.dscores.data(), BM, panels.q_pairs_at(batch_head, row0), 2 * D_pad,
+                         dk_chunk + key0 * D_pad, D_pad);
+          amx_gemm<true>(D_pad, BM, BN, k_t_head + key0, key_rows, w.dscores_vnni.data(), 2 * BM, w.dq_t.data(), BM);
+        }
+        for (int64_t i = 0; i < rows; ++i) {
+          BFloat16* dq_row = dq_base + p.dq_strides.offset(batch, head, row0 + i);
+          for (int64_t d = 0; d < D; ++d) dq_row[d] = static_cast<BFloat16>(scale * w.dq_t[d * BM + i]);
+        }
       }
     }
-    unpack_rows(dk_sum.data(), D_pad, keys, D, scale, dk_base + p.dk_strides.offset(batch, kv_head, key0),
-                p.dk_strides.row);
-    unpack_rows(dv_sum.data(), Dv_pad, keys, Dv, acc_t(1), dv_base + p.dv_strides.offset(batch, kv_head, key0),
-                p.dv_strides.row);
   });
+  partials.reduce_into<BFloat16>(p, scale);
 }
+#endif  // FASTATTN_HAS_AMX
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -303,6 +512,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
   at::Tensor dv = empty_in_layout_of(v, v.size(3));
   const AttentionParams params = make_backward_params(dout, q, k, v, out, lse, key_padding_mask, dq, dk,
                                                       dv, scale, window_left, window_right);
+#if defined(FASTATTN_HAS_AMX)
+  if (q.scalar_type() == at::kBFloat16 && amx_bf16_available()) {
+    attention_backward_amx(params);
+    return {dq, dk, dv};
+  }
+#endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fastattn::bwd (CPU)",
                                   [&] { attention_backward_kernel<scalar_t>(params); });
   return {dq, dk, dv};
