@@ -120,23 +120,6 @@ inline __m512i interleave_bf16(__m512 even, __m512 odd) {
   return _mm512_permutexvar_epi16(order, (__m512i)_mm512_cvtne2ps_pbh(odd, even));
 }
 
-// src (fp32, row stride ld) in VNNI bf16 form: dst row r = rows 2r and 2r+1 interleaved element
-// by element; rows at or past `rows` (up to padded_rows) are zero. Used for P^T tiles
-// (k = keys, n = queries). cols is a multiple of 16.
-inline void pack_rows_vnni(const float* src, int64_t ld, int64_t rows, int64_t padded_rows, int64_t cols,
-                           BFloat16* dst, int64_t dst_ld) {
-  const __m512 zero = _mm512_setzero_ps();
-  for (int64_t r = 0; 2 * r < padded_rows; ++r) {
-    const float* even = src + 2 * r * ld;
-    const float* odd = even + ld;
-    for (int64_t n = 0; n < cols; n += 16) {
-      const __m512 lo = 2 * r < rows ? _mm512_loadu_ps(even + n) : zero;
-      const __m512 hi = 2 * r + 1 < rows ? _mm512_loadu_ps(odd + n) : zero;
-      _mm512_storeu_si512(dst + r * dst_ld + 2 * n, interleave_bf16(lo, hi));
-    }
-  }
-}
-
 #else
 
 inline bool amx_bf16_available() { return false; }

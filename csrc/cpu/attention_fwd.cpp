@@ -109,6 +109,36 @@ void attention_forward_kernel(const AttentionParams& p) {
 }
 
 #if defined(FASTATTN_HAS_AMX)
+// online_softmax_step for the AMX path: P^T goes straight into its VNNI bf16 form (pairs of key
+// rows interleaved, the B operand of out^T += v^T P^T) instead of back over the fp32 tile, rows
+// [keys, padded_keys) zero. l sums the unrounded fp32 P, as the fp32 path does.
+inline void online_softmax_step_vnni(const float* scores_t, int64_t keys, int64_t padded_keys,
+                                     Vectorized<float> scale_log2, float* row_max, float* row_sum, float* rescale,
+                                     BFloat16* probs_vnni) {
+  using Vec = Vectorized<float>;
+  constexpr int64_t BM = kBlockQueries;
+  constexpr int64_t L = Vec::size();
+  constexpr int kVectors = BM / L;
+  Vec shift[kVectors], sum[kVectors];
+  online_softmax_shift(scores_t, keys, scale_log2, row_max, rescale, shift);
+  for (int v = 0; v < kVectors; ++v) sum[v] = Vec(0.0f);
+  for (int64_t pair = 0; 2 * pair < padded_keys; ++pair) {
+    for (int v = 0; v < kVectors; ++v) {
+      Vec prob[2];
+      for (int half = 0; half < 2; ++half) {
+        const int64_t j = 2 * pair + half;
+        prob[half] = j < keys ? exp2(at::vec::fmsub(Vec::loadu(scores_t + j * BM + v * L), scale_log2, shift[v]))
+                              : Vec(0.0f);
+        sum[v] = sum[v] + prob[half];
+      }
+      _mm512_storeu_si512(probs_vnni + pair * 2 * BM + 2 * v * L, interleave_bf16(prob[0], prob[1]));
+    }
+  }
+  for (int v = 0; v < kVectors; ++v) {
+    at::vec::fmadd(Vec::loadu(row_sum + v * L), Vec::loadu(rescale + v * L), sum[v]).store(row_sum + v * L);
+  }
+}
+
 // The bf16 forward on AMX. As attention_forward_kernel, with the tiles' operands in bf16 for the
 // tile multiplies: S^T = k q^T (k rows as A, q^T packed once per query block as B) and
 // out^T = v^T P^T (v^T as A, P^T packed after the fp32 softmax as B), out^T accumulated in fp32
@@ -183,9 +213,9 @@ void attention_forward_amx(const AttentionParams& p) {
       float* s_t = w.scores_t.data();
       amx_gemm<false>(BN, BM, D_pad, k_head + key0 * D_pad, D_pad, w.q_vnni.data(), 2 * BM, s_t, BM);
       mask_scores(p, block.batch, key0, keys, row0, rows, BM, s_t);
-      online_softmax_step(s_t, keys, scale_log2, w.row_max.data(), w.row_sum.data(), w.rescale.data());
+      online_softmax_step_vnni(s_t, keys, BN, scale_log2, w.row_max.data(), w.row_sum.data(), w.rescale.data(),
+                               w.probs_vnni.data());
       // out^T = out^T * rescale (per query column) + v^T P^T; rows of P^T past `keys` are zero.
-      pack_rows_vnni(s_t, BM, keys, BN, BM, w.probs_vnni.data(), 2 * BM);
       for (int64_t d = 0; d < Dv_pad; ++d) {
         float* row = w.out_t.data() + d * BM;
         for (int64_t c = 0; c < BM; c += L) (Vec::loadu(row + c) * Vec::loadu(w.rescale.data() + c)).store(row + c);

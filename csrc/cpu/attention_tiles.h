@@ -115,19 +115,22 @@ inline void mask_scores(const AttentionParams& p, int64_t batch, int64_t key0, i
 // (row j = key, kBlockQueries query columns, row stride kBlockQueries):
 //   m' = max(m, max_j S_j * scale * log2(e)),  P_j = 2^(S_j * scale * log2(e) - m'),
 //   l' = l * 2^(m - m') + sum_j P_j,           rescale = 2^(m - m')
-// P^T overwrites the tile (rows [0, keys)); row_max = m, row_sum = l, rescale are per query. A
-// query with nothing visible yet keeps m = -inf and uses shift 0, so its P is 2^-inf = 0 rather
-// than NaN. The loops run over all query columns at once: independent max and sum chains rather
-// than one dependency chain per column (columns past the block's queries hold finite junk that is
-// never used).
+// row_max = m, row_sum = l, rescale are per query. A query with nothing visible yet keeps
+// m = -inf and uses shift 0, so its P is 2^-inf = 0 rather than NaN. The loops run over all query
+// columns at once: independent max and sum chains rather than one dependency chain per column
+// (columns past the block's queries hold finite junk that is never used).
+//
+// online_softmax_shift does the first half (the max, m', rescale) and returns the shifts m' (0
+// for empty queries) that P_j = 2^(S_j * scale * log2(e) - shift) uses; online_softmax_step does
+// it all, writing P^T over the tile's rows [0, keys).
 template <typename T>
-inline void online_softmax_step(T* scores_t, int64_t keys, Vectorized<T> scale_log2, T* row_max, T* row_sum,
-                                T* rescale) {
+inline void online_softmax_shift(const T* scores_t, int64_t keys, Vectorized<T> scale_log2, T* row_max,
+                                 T* rescale, Vectorized<T>* shift) {
   using Vec = Vectorized<T>;
   constexpr int64_t L = Vec::size();
   constexpr int kVectors = kBlockQueries / L;
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
-  Vec block_max[kVectors], shift[kVectors], sum[kVectors];
+  Vec block_max[kVectors];
   for (int v = 0; v < kVectors; ++v) block_max[v] = Vec(kNegInf);
   for (int64_t j = 0; j < keys; ++j) {
     for (int v = 0; v < kVectors; ++v) {
@@ -140,8 +143,18 @@ inline void online_softmax_step(T* scores_t, int64_t keys, Vectorized<T> scale_l
     shift[v] = Vec::blendv(new_max, Vec(T(0)), new_max == Vec(kNegInf));
     exp2(old_max - shift[v]).store(rescale + v * L);
     new_max.store(row_max + v * L);
-    sum[v] = Vec(T(0));
   }
+}
+
+template <typename T>
+inline void online_softmax_step(T* scores_t, int64_t keys, Vectorized<T> scale_log2, T* row_max, T* row_sum,
+                                T* rescale) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t L = Vec::size();
+  constexpr int kVectors = kBlockQueries / L;
+  Vec shift[kVectors], sum[kVectors];
+  online_softmax_shift(scores_t, keys, scale_log2, row_max, rescale, shift);
+  for (int v = 0; v < kVectors; ++v) sum[v] = Vec(T(0));
   for (int64_t j = 0; j < keys; ++j) {
     for (int v = 0; v < kVectors; ++v) {
       T* s = scores_t + j * kBlockQueries + v * L;
