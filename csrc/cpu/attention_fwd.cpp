@@ -210,17 +210,20 @@ void attention_forward_amx(const AttentionParams& p) {
     for (int64_t key0 = block.key_begin; key0 < block.key_end; key0 += BN) {
       const int64_t keys = std::min(BN, block.key_end - key0);
       if (all_keys_padded(p, block.batch, key0, keys)) continue;
+      // The last block of a range is cut to whole 32-key tiles, not computed and masked in full.
+      const int64_t tile_keys = round_up(keys, 32);
       float* s_t = w.scores_t.data();
-      amx_gemm<false>(BN, BM, D_pad, k_head + key0 * D_pad, D_pad, w.q_vnni.data(), 2 * BM, s_t, BM);
+      amx_gemm<false>(tile_keys, BM, D_pad, k_head + key0 * D_pad, D_pad, w.q_vnni.data(), 2 * BM, s_t, BM);
       mask_scores(p, block.batch, key0, keys, row0, rows, BM, s_t);
-      online_softmax_step_vnni(s_t, keys, BN, scale_log2, w.row_max.data(), w.row_sum.data(), w.rescale.data(),
-                               w.probs_vnni.data());
+      online_softmax_step_vnni(s_t, keys, tile_keys, scale_log2, w.row_max.data(), w.row_sum.data(),
+                               w.rescale.data(), w.probs_vnni.data());
       // out^T = out^T * rescale (per query column) + v^T P^T; rows of P^T past `keys` are zero.
       for (int64_t d = 0; d < Dv_pad; ++d) {
         float* row = w.out_t.data() + d * BM;
         for (int64_t c = 0; c < BM; c += L) (Vec::loadu(row + c) * Vec::loadu(w.rescale.data() + c)).store(row + c);
       }
-      amx_gemm<true>(Dv_pad, BM, BN, v_t_head + key0, key_rows, w.probs_vnni.data(), 2 * BM, w.out_t.data(), BM);
+      amx_gemm<true>(Dv_pad, BM, tile_keys, v_t_head + key0, key_rows, w.probs_vnni.data(), 2 * BM, w.out_t.data(),
+                     BM);
     }
 
     // out = (out^T)^T / l; rows that saw no key get out = 0 and lse = -inf (never NaN).
