@@ -24,7 +24,6 @@ import subprocess
 import sys
 from typing import Dict, List, Optional, Tuple
 
-KERNEL_NAME = re.compile(r"(attention_\w+?_kernel|backward_prepass_kernel)I(.*?)E+v")
 TYPE_CODES = {"6__half": "fp16", "13__nv_bfloat16": "bf16", "f": "fp32"}
 SASS_OPCODES = ("HMMA", "HGMMA", "LDL", "STL")
 
@@ -79,12 +78,18 @@ def find_cuobjdump() -> Optional[str]:
 
 
 def describe(mangled: str) -> Tuple[str, str, Optional[int]]:
-    """(kernel name, dtype, head-dim bucket) of a mangled fastattn kernel name."""
-    match = KERNEL_NAME.search(mangled)
-    if match is None:
+    """(kernel name, dtype, head-dim bucket) of a mangled fastattn kernel name:
+    _ZN <length><name>... then, for a template, I <arguments> E."""
+    names, position = [], 3 if mangled.startswith("_ZN") else len(mangled)
+    while position < len(mangled) and mangled[position].isdigit():
+        digits = re.match(r"\d+", mangled[position:]).group()
+        start = position + len(digits)
+        names.append(mangled[start:start + int(digits)])
+        position = start + int(digits)
+    if not names:
         return mangled, "?", None
-    kernel, args = match.groups()
-    head_dim = re.search(r"Li(\d+)E", args + "E")
+    kernel, args = names[-1], mangled[position + 1:] if mangled[position:position + 1] == "I" else ""
+    head_dim = re.match(r"(?:6__half|13__nv_bfloat16)?Li(\d+)E", args)
     dtype = "fp32" if "fp32" in kernel else next((name for code, name in TYPE_CODES.items() if args.startswith(code)), "?")
     return kernel, dtype, int(head_dim.group(1)) if head_dim else None
 
@@ -142,11 +147,11 @@ def problems(kernels: List[KernelResources]) -> List[str]:
 
 
 def format_table(kernels: List[KernelResources]) -> str:
-    header = f"{'kernel':36} {'dtype':5} {'HD':>4} {'arch':6} {'regs':>4} {'stack':>5} {'local':>5} " \
+    header = f"{'kernel':38} {'dtype':5} {'HD':>4} {'arch':6} {'regs':>4} {'stack':>5} {'local':>5} " \
              f"{'LDL':>4} {'STL':>4} {'HMMA':>5} {'HGMMA':>5}"
     lines = [header, "-" * len(header)]
     for k in kernels:
-        lines.append(f"{k.kernel:36} {k.dtype:5} {k.head_dim or '-':>4} {k.arch:6} {k.registers:>4} {k.stack:>5} "
+        lines.append(f"{k.kernel:38} {k.dtype:5} {k.head_dim or '-':>4} {k.arch:6} {k.registers:>4} {k.stack:>5} "
                      f"{k.local:>5} {k.counts['LDL']:>4} {k.counts['STL']:>4} {k.counts['HMMA']:>5} "
                      f"{k.counts['HGMMA']:>5}")
     return "\n".join(lines)

@@ -23,23 +23,26 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import cuda_resources  # noqa: E402
 
 _built_with_cuda = _ops.load_cpp_library() and bool(importlib.import_module("fastattn._C").with_cuda)
-pytestmark = pytest.mark.skipif(
+needs_cuda_build = pytest.mark.skipif(
     not _built_with_cuda,
     reason="fastattn._C was built without CUDA (torch without CUDA, no nvcc, or FASTATTN_BUILD_CUDA=0)")
 
-HALF_KERNELS = ("attention_forward_kernel", "attention_backward_dq_kernel", "attention_backward_dkdv_kernel")
+HALF_KERNELS = ("attention_forward_kernel", "attention_backward_prepass_kernel", "attention_backward_dq_kernel",
+                "attention_backward_dkdv_kernel")
 FP32_KERNELS = ("attention_forward_fp32_kernel", "attention_backward_dq_fp32_kernel",
                 "attention_backward_dkdv_fp32_kernel")
 ARCHS = ("sm_80", "sm_90")
 BUCKETS = (64, 128, 256)
 
 
+@needs_cuda_build
 def test_cuda_kernels_registered_for_both_ops():
     for op in ("fastattn::fwd", "fastattn::bwd"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU"), op
 
 
+@needs_cuda_build
 def test_info_lists_cpp_for_cuda_as_compiled():
     info = fastattn_info.collect()
     cpp = next(b for b in info["backends"] if b["name"] == "cpp")
@@ -62,17 +65,18 @@ def kernels():
     return cuda_resources.read_resources(library, cuobjdump)
 
 
+@needs_cuda_build
 def test_every_kernel_is_compiled_for_sm80_and_sm90(kernels):
     present = {(k.kernel, k.dtype, k.head_dim, k.arch) for k in kernels}
     expected = {(name, dtype, hd, arch) for name in HALF_KERNELS for dtype in ("fp16", "bf16")
                 for hd in BUCKETS for arch in ARCHS}
     expected |= {(name, "fp32", hd, arch) for name in FP32_KERNELS for hd in BUCKETS for arch in ARCHS}
-    expected |= {("backward_prepass_kernel", dtype, None, arch) for dtype in ("fp16", "bf16", "fp32")
-                 for arch in ARCHS}
+    expected |= {("attention_backward_prepass_fp32_kernel", "fp32", None, arch) for arch in ARCHS}
     assert expected <= present, sorted(expected - present)
     assert {k.arch for k in kernels} == set(ARCHS)
 
 
+@needs_cuda_build
 def test_no_local_memory_and_tensor_cores_everywhere(kernels):
     assert cuda_resources.problems(kernels) == []
     half = [k for k in kernels if k.tensor_core]

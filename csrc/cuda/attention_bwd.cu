@@ -1,5 +1,5 @@
-// fastattn::bwd on CUDA: launches the pre-pass (all dtypes) and the fp16 / bf16 tensor-core
-// dk/dv and dq kernels (backward_kernels.cuh) with the tile shapes of the head-dim bucket.
+// fastattn::bwd on CUDA for fp16 / bf16: launches the tensor-core pre-pass, dk/dv and dq kernels
+// (backward_kernels.cuh) with the tile shapes of the head-dim bucket.
 //
 // Registers, spills and shared memory of every instantiation are recorded in docs/cuda.md
 // (python benchmarks/cuda_resources.py reads them from the built library).
@@ -7,20 +7,6 @@
 #include "cuda/launch_utils.h"
 
 namespace fastattn::cuda {
-
-void launch_backward_prepass(const AttentionParams& p, const BackwardScratch& scratch, ElementType type,
-                             cudaStream_t stream) {
-  const int64_t blocks = ceil_div(p.batch * p.heads_q * p.seqlen_q, kPrepassWarps);
-  switch (type) {
-    case ElementType::kHalf:
-      return launch_kernel(backward_prepass_kernel<__half>, blocks, 32 * kPrepassWarps, 0, stream, p, scratch);
-    case ElementType::kBFloat16:
-      return launch_kernel(backward_prepass_kernel<__nv_bfloat16>, blocks, 32 * kPrepassWarps, 0, stream, p,
-                           scratch);
-    case ElementType::kFloat:
-      return launch_kernel(backward_prepass_kernel<float>, blocks, 32 * kPrepassWarps, 0, stream, p, scratch);
-  }
-}
 
 void launch_backward_tensor_core(const AttentionParams& p, const BackwardScratch& scratch, ElementType type,
                                  bool vectorized, cudaStream_t stream) {
@@ -31,6 +17,8 @@ void launch_backward_tensor_core(const AttentionParams& p, const BackwardScratch
       constexpr int HD = decltype(head_dim)::value;
       using DkDv = DkDvConfig<HD>;
       using Dq = DqConfig<HD>;
+      launch_kernel(attention_backward_prepass_kernel<T, HD>, QueryBlock::count(p, PrepassConfig::kBlockRows),
+                    PrepassConfig::kThreads, PrepassConfig::shared_bytes<HD>(), stream, p, scratch, vectorized);
       launch_kernel(attention_backward_dkdv_kernel<T, HD>, KeyBlock::count(p, DkDv::kBlockKeys, DkDv::kChunks),
                     DkDv::kThreads, DkDv::kSharedBytes, stream, p, scratch, vectorized);
       launch_kernel(attention_backward_dq_kernel<T, HD>, QueryBlock::count(p, Dq::kBlockRows), Dq::kThreads,

@@ -76,7 +76,6 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(
   at::Tensor delta = at::empty_like(lse_rows);
   at::Tensor lse_log2 = at::empty_like(lse_rows);
   const BackwardScratch scratch{delta.data_ptr<float>(), lse_log2.data_ptr<float>()};
-  launch_backward_prepass(params, scratch, type, stream);
   if (type == ElementType::kFloat) {
     launch_backward_fp32(params, scratch, stream);
   } else {

@@ -1,12 +1,12 @@
-// The kernels of fastattn::bwd on CUDA for fp16 / bf16 (fused softmax attention, backward, on
-// tensor cores), and the backward pre-pass shared with the fp32 kernels.
+// The kernels of fastattn::bwd on CUDA for fp16 / bf16: fused softmax attention, backward, on
+// tensor cores.
 //
 // Given dout, q, k, v, out and lse (from fastattn::fwd), computes dq, dk, dv for the forward's
 // whole contract (full / causal / sliding window, GQA/MQA, key padding, Nq != Nk, head dims 1..256
 // in the buckets 64, 128, 256, strided inputs). Scores are recomputed from lse,
 // P = 2^(scale * log2(e) * S - lse * log2(e)), never stored:
 //
-//   pre-pass, a warp per query row: delta = rowsum(dout * out), lse_log2 = lse * log2(e)
+//   pre-pass, a CTA per 64 query rows: delta = rowsum(dout * out), lse_log2 = lse * log2(e)
 //   dk/dv kernel, a CTA per (key block, batch * kv head, column chunk), each warp owns 16 keys:
 //     for the query heads of the GQA group in order, for the query tiles that see the block:
 //       S^T = k q^T, P^T, dP^T = v dout^T, dS^T = P^T * (dP^T - delta)
@@ -28,27 +28,54 @@
 namespace fastattn::cuda {
 
 // ---------------------------------------------------------------------------------------------
-// Pre-pass: one warp per query row, kPrepassWarps rows per CTA.
-constexpr int kPrepassWarps = 4;
+// Pre-pass: one CTA per block of 64 query rows of one (batch, head); each warp owns 16 rows.
+//
+// delta_i = dout_i . out_i is taken from the diagonal of the 16 x 16 tensor-core product
+// dout_rows out_rows^T, made by the same warp_mma_abt steps that make dP = dout v^T in the other
+// kernels. So where dP - delta is exactly 0 in exact arithmetic (a row that sees a single key has
+// out = v), it is exactly 0 here too: dq is 0, not a rounding residue of two summation orders.
+struct PrepassConfig {
+  static constexpr int kWarps = 4;
+  static constexpr int kBlockRows = 16 * kWarps;
+  static constexpr int kThreads = 32 * kWarps;
+  template <int HD>
+  static constexpr int shared_bytes() {
+    return 2 * kBlockRows * shared_row_stride<HD>() * 2;  // dout and out tiles
+  }
+};
 
-template <typename T>
-__global__ void __launch_bounds__(32 * kPrepassWarps, 1)
-    backward_prepass_kernel(const AttentionParams p, const BackwardScratch scratch) {
-  const int lane = threadIdx.x % 32;
-  // flat (batch, head, query)
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kPrepassWarps + threadIdx.x / 32;
-  if (row >= p.batch * p.heads_q * p.seqlen_q) return;
-  const int64_t query = row % p.seqlen_q, batch_head = row / p.seqlen_q;
-  const int64_t batch = batch_head / p.heads_q, head = batch_head % p.heads_q;
-  const T* dout = static_cast<const T*>(p.dout) + p.dout_strides.offset(batch, head, query);
-  const T* out = static_cast<const T*>(p.out) + p.out_strides.offset(batch, head, query);
-  float sum = 0.f;
-  for (int64_t d = lane; d < p.head_dim_v; d += 32) sum += to_float(dout[d]) * to_float(out[d]);
-  sum = warp_sum(sum);
-  if (lane == 0) {
-    scratch.delta[row] = sum;
-    const float lse = static_cast<const float*>(p.lse)[row];
-    scratch.lse_log2[row] = lse == -kInf ? kInf : lse * kLog2e;
+template <typename T, int HD>
+__global__ void __launch_bounds__(PrepassConfig::kThreads, 1)
+    attention_backward_prepass_kernel(const AttentionParams p, const BackwardScratch scratch, const bool vectorized) {
+  constexpr int BM = PrepassConfig::kBlockRows, LD = shared_row_stride<HD>(), THREADS = PrepassConfig::kThreads;
+  T* dout_s = dynamic_shared_memory<T>();
+  T* out_s = dout_s + BM * LD;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const QueryBlock block(p, BM);
+  const int Dv = static_cast<int>(p.head_dim_v);
+  load_tile<T, BM, HD, THREADS>(
+      dout_s, static_cast<const T*>(p.dout) + p.dout_strides.offset(block.batch, block.head, block.row0),
+      p.dout_strides.row, block.rows, Dv, vectorized);
+  load_tile<T, BM, HD, THREADS>(out_s,
+                                static_cast<const T*>(p.out) + p.out_strides.offset(block.batch, block.head, block.row0),
+                                p.out_strides.row, block.rows, Dv, vectorized);
+  cp_async_commit();
+  cp_async_wait_all();
+  __syncthreads();
+
+  float products[2][4] = {};  // (dout_r . out_c) for the warp's rows r and columns c
+  warp_mma_abt<T, 16, HD, LD>(products, dout_s + warp * 16 * LD, out_s + warp * 16 * LD, Dv, lane);
+  // Diagonal element (r, r), r = g + 8 half, sits in products[half][2 half + g % 2] of lane 4g + g / 2
+  // (selected with constant indices: a run-time index would put the array in local memory).
+  const int g = lane / 4;
+  if (lane % 4 != g / 2) return;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int64_t row = block.row0 + warp * 16 + g + 8 * half;
+    if (row >= p.seqlen_q) continue;
+    const int64_t index = block.batch_head * p.seqlen_q + row;
+    scratch.delta[index] = g % 2 == 0 ? products[half][2 * half] : products[half][2 * half + 1];
+    scratch.lse_log2[index] = lse_to_log2(static_cast<const float*>(p.lse)[index]);
   }
 }
 

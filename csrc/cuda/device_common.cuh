@@ -153,7 +153,7 @@ struct VisibleRange {
 
 // lse_log2 and delta of query `row` of (batch, head) = batch_head; rows past Nq get +inf and 0,
 // so that their P (and hence dS) is 0.
-// (Written by the backward pre-pass, launch_backward_prepass.)
+// (Written by the backward pre-pass of each kernel family.)
 struct RowStats {
   float lse_log2, delta;
   __device__ __forceinline__ RowStats(const AttentionParams& p, const BackwardScratch& scratch,
@@ -183,6 +183,10 @@ __device__ __forceinline__ float warp_sum(float x) {
   for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(kFullMask, x, offset);
   return x;
 }
+
+// lse * log2(e) for the backward's P = 2^(S * scale * log2(e) - lse * log2(e)); +inf for a row
+// that saw no key (lse = -inf), so that its P is 2^-inf = 0 rather than NaN.
+__device__ __forceinline__ float lse_to_log2(float lse) { return lse == -kInf ? kInf : lse * kLog2e; }
 
 // lse of a finished row in the natural log, from its running max m (log2 domain) and sum l:
 // -inf for a row that saw no key.

@@ -127,12 +127,15 @@ __global__ void __launch_bounds__(kThreads, 1) attention_forward_fp32_kernel(con
       if (masked_tile && !VisibleRange::keys_of_query(p, warp_row0 + r).sees(key, padding, p.key_padding_stride_key)) {
         s[r] = -kInf;
       }
-      // Online softmax; see online_softmax() in forward_kernel.cuh for the -inf handling.
-      const float new_max = fmaxf(row_max[r], warp_max(s[r]) * scale_log2);
+      // Online softmax; see online_softmax() in forward_kernel.cuh for the -inf handling. Scores
+      // go to the log2 domain before the max is taken, so the max element's P is exactly 2^0 = 1
+      // (a row that sees one key then gets out = v bitwise, which the backward's exactness needs).
+      s[r] *= scale_log2;
+      const float new_max = fmaxf(row_max[r], warp_max(s[r]));
       const float shift = new_max == -kInf ? 0.f : new_max;
       const float rescale = exp2f(row_max[r] - shift);
       row_max[r] = new_max;
-      s[r] = exp2f(fmaf(s[r], scale_log2, -shift));
+      s[r] = exp2f(s[r] - shift);
       row_sum[r] = row_sum[r] * rescale + s[r];  // this lane's partial sum
 #pragma unroll
       for (int c = 0; c < COLS; ++c) o[r][c] *= rescale;
@@ -163,6 +166,24 @@ __global__ void __launch_bounds__(kThreads, 1) attention_forward_fp32_kernel(con
     store_row_fp32(static_cast<float*>(p.out) + p.out_strides.offset(block.batch, block.head, row), o[r], inverse,
                    Dv, lane);
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pre-pass: a thread per query row. delta = dout . out by sequential FMAs, in the order of
+// dot_fp32, which makes dP = dout . v in the other kernels: where dP - delta is exactly 0 in exact
+// arithmetic (a row that sees a single key has out = v), it is exactly 0 here too.
+__global__ void __launch_bounds__(kThreads, 1)
+    attention_backward_prepass_fp32_kernel(const AttentionParams p, const BackwardScratch scratch) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;  // flat (batch, head, query)
+  if (row >= p.batch * p.heads_q * p.seqlen_q) return;
+  const int64_t query = row % p.seqlen_q, batch_head = row / p.seqlen_q;
+  const int64_t batch = batch_head / p.heads_q, head = batch_head % p.heads_q;
+  const float* dout = static_cast<const float*>(p.dout) + p.dout_strides.offset(batch, head, query);
+  const float* out = static_cast<const float*>(p.out) + p.out_strides.offset(batch, head, query);
+  float delta = 0.f;
+  for (int64_t d = 0; d < p.head_dim_v; ++d) delta = fmaf(dout[d], out[d], delta);
+  scratch.delta[row] = delta;
+  scratch.lse_log2[row] = lse_to_log2(static_cast<const float*>(p.lse)[row]);
 }
 
 // ---------------------------------------------------------------------------------------------

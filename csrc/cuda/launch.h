@@ -18,7 +18,8 @@ namespace fastattn::cuda {
 
 enum class ElementType { kHalf, kBFloat16, kFloat };
 
-// One float per query row, (B, Hq, Nq) contiguous, written by the backward's pre-pass.
+// One float per query row, (B, Hq, Nq) contiguous, written by the backward's pre-pass (the first
+// kernel each launch_backward_* function launches).
 struct BackwardScratch {
   float* delta = nullptr;     // rowsum(dout * out)
   float* lse_log2 = nullptr;  // lse * log2(e); +inf for rows that saw no key, so that their P is 0
@@ -56,9 +57,5 @@ void launch_backward_tensor_core(const AttentionParams& p, const BackwardScratch
 // float32 on the CUDA cores (exact fp32 products, no TF32).
 void launch_forward_fp32(const AttentionParams& p, cudaStream_t stream);
 void launch_backward_fp32(const AttentionParams& p, const BackwardScratch& scratch, cudaStream_t stream);
-
-// delta and lse_log2 for every query row; runs before either launch_backward_* function.
-void launch_backward_prepass(const AttentionParams& p, const BackwardScratch& scratch, ElementType type,
-                             cudaStream_t stream);
 
 }  // namespace fastattn::cuda
