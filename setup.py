@@ -152,9 +152,10 @@ def _extensions():
     cpp_extension.CUDA_HOME = cuda_home
     os.environ.setdefault("MAX_JOBS", _default_max_jobs())
     archs = os.environ.get("FASTATTN_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
-    gencode = []
-    for arch in filter(None, (a.strip().replace(".", "") for a in archs)):
-        gencode += [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
+    archs = [a.strip().replace(".", "") for a in archs if a.strip()]
+    gencode = [f"-gencode=arch=compute_{arch},code=sm_{arch}" for arch in archs]
+    # PTX of the newest one too, so that later GPUs (sm_100, sm_120) can JIT the kernels.
+    gencode += [f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}"] if archs else []
     # No --use_fast_math: the tensor-core kernels call ex2.approx / rcp.approx explicitly where
     # they want them, and the fp32 kernels need IEEE exp2f/log2f to stay float32-accurate.
     nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr",

@@ -14,7 +14,7 @@
 // get out = 0 and lse = -inf, never NaN.
 //
 // Not supported: fp32 (see fp32_kernels.cuh), dropout, other attention biases, sm < 80.
-//
+// Registers and shared memory per bucket: docs/cuda.md.
 #pragma once
 
 #include "cuda/tensor_core.cuh"
