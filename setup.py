@@ -51,15 +51,20 @@ def _find_cuda_home():
     if nvcc:
         candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
         try:
-            out = subprocess.run([nvcc, "--dryrun", "--version"], capture_output=True, text=True).stderr
+            # `--dryrun --version` prints no paths; a dry-run preprocess of an empty file prints
+            # `#$ TOP=<toolkit>/bin/..`, where the real nvcc lives.
+            out = subprocess.run([nvcc, "--dryrun", "-E", "-x", "cu", os.devnull], capture_output=True,
+                                 text=True).stderr
             for line in out.splitlines():
                 if line.startswith("#$ TOP="):
-                    candidates.insert(0, line.split("=", 1)[1].strip())
+                    candidates.insert(0, os.path.normpath(line.split("=", 1)[1].strip()))
         except OSError:
             pass
     candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
     for folder in candidates:
-        if os.path.isfile(os.path.join(folder, "bin", "nvcc")):
+        # A toolkit has the compiler and the runtime headers (a wrapper's folder has only the first).
+        if os.path.isfile(os.path.join(folder, "bin", "nvcc")) and \
+                os.path.isfile(os.path.join(folder, "include", "cuda_runtime_api.h")):
             return folder
     return None
 
@@ -147,15 +152,21 @@ def _extensions():
     cpp_extension.CUDA_HOME = cuda_home
     os.environ.setdefault("MAX_JOBS", _default_max_jobs())
     archs = os.environ.get("FASTATTN_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
-    gencode = []
-    for arch in filter(None, (a.strip().replace(".", "") for a in archs)):
-        gencode += [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
-    nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
+    archs = [a.strip().replace(".", "") for a in archs if a.strip()]
+    gencode = [f"-gencode=arch=compute_{arch},code=sm_{arch}" for arch in archs]
+    # PTX of the newest one too, so that later GPUs (sm_100, sm_120) can JIT the kernels.
+    gencode += [f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}"] if archs else []
+    # No --use_fast_math: the tensor-core kernels call ex2.approx / rcp.approx explicitly where
+    # they want them, and the fp32 kernels need IEEE exp2f/log2f to stay float32-accurate.
+    nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr",
                   "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                   "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__",
                   "--threads", "1"] + gencode
     sources += cuda_sources
-    include_dirs += _pip_cuda_include_dirs()
+    # The toolkit's own headers first: the pip folders (needed for cublas_v2.h, cusparse.h, ... that
+    # torch's headers include) also carry partial copies of the runtime headers that would shadow
+    # the toolkit's and fail (crt/host_defines.h missing).
+    include_dirs += [os.path.join(cuda_home, "include")] + _pip_cuda_include_dirs()
     define_macros.append(("FASTATTN_WITH_CUDA", "1"))
     return [cpp_extension.CUDAExtension(
         "fastattn._C", sources, include_dirs=include_dirs, define_macros=define_macros,
