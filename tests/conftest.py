@@ -3,6 +3,11 @@ import os
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run in Triton's CPU interpreter, which triton reads when it is
+# imported: set it before anything imports fastattn (importing torch does not import triton).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_collection_modifyitems(config, items):
     """GPU tests are skipped, with the reason, when no CUDA device is present."""

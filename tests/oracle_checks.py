@@ -6,7 +6,8 @@ Shared by the CPU, Triton and CUDA kernel tests so every backend is held to the 
 import torch
 
 import fastattn
-from fastattn.testing import GRAD_FACTOR, OUTPUT_FACTOR, assert_close_to_oracle, attention_ref, attention_ref_grads
+from fastattn.testing import (GRAD_FACTOR, OUTPUT_FACTOR, assert_close_to_oracle, attention_ref, attention_ref_grads,
+                              make_qkv)
 
 
 def check_against_oracle(q, k, v, *, backend, causal=False, window=None, scale=None, key_padding_mask=None,
@@ -46,3 +47,30 @@ def check_against_oracle(q, k, v, *, backend, causal=False, window=None, scale=N
         assert actual.shape == oracle.shape and actual.dtype == q.dtype, name
         assert_close_to_oracle(actual, oracle, base, factor=GRAD_FACTOR, name=name, magnitude=magnitude)
     return out, lse, kernel_grads
+
+
+FULLY_MASKED_CASES = ["causal_nq_gt_nk", "window_0_0_nq_gt_nk", "all_padding", "empty_keys"]
+
+
+def check_fully_masked_rows(case, dtype, device, backend):
+    """Rows that see no key (`case`: causal or window (0, 0) with Nq > Nk, every key padded, or no
+    keys at all) get out = 0, lse = -inf and zero gradients, with no NaN anywhere."""
+    kwargs, seqlen_q, seqlen_k = {}, 90, 20
+    if case == "causal_nq_gt_nk":
+        kwargs["causal"] = True  # rows 0..69 sit before key 0
+    elif case == "window_0_0_nq_gt_nk":
+        kwargs["window"] = (0, 0)
+    elif case == "all_padding":
+        kwargs["key_padding_mask"] = torch.ones(2, seqlen_k, dtype=torch.bool, device=device)
+    elif case == "empty_keys":
+        seqlen_k = 0
+    else:
+        raise ValueError(f"unknown case {case!r}")
+    q, k, v = make_qkv(2, 2, 1, seqlen_q, seqlen_k, 32, dtype=dtype, device=device, seed=3)
+    out, lse, grads = check_against_oracle(q, k, v, backend=backend, **kwargs)
+    masked_rows = torch.isneginf(lse)
+    assert masked_rows.any()
+    assert (out[masked_rows] == 0).all()
+    assert (grads[0][masked_rows] == 0).all()
+    for t in (out, lse, *grads):
+        assert not torch.isnan(t).any()

@@ -28,9 +28,8 @@ from fastattn import backends
 from fastattn.backends.base import Backend
 from fastattn.testing import make_qkv, random_padding_mask
 
-from oracle_checks import check_against_oracle
+from oracle_checks import FULLY_MASKED_CASES, check_against_oracle, check_fully_masked_rows
 from test_cpu_kernels import window_kwargs
-from test_cuda_kernels import FULLY_MASKED_CASES, check_fully_masked_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
@@ -152,7 +151,7 @@ def test_key_padding(window, dtype):
 @pytest.mark.parametrize("case", FULLY_MASKED_CASES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 def test_fully_masked_rows(case, dtype):
-    check_fully_masked_rows(case, dtype, "cpu")
+    check_fully_masked_rows(case, dtype, "cpu", "cpp")
 
 
 @pytest.mark.parametrize("layout", ["bnhd", "strided"])

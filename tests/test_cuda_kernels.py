@@ -9,7 +9,7 @@ import torch
 import fastattn
 from fastattn.testing import make_qkv, random_padding_mask
 
-from oracle_checks import check_against_oracle
+from oracle_checks import FULLY_MASKED_CASES, check_against_oracle, check_fully_masked_rows
 from test_cpu_kernels import HEAD_DIMS, SEQLENS, WINDOWS, window_kwargs
 
 pytestmark = pytest.mark.gpu
@@ -66,34 +66,10 @@ def test_key_padding(seqlens, window, dtype):
     check_against_oracle(q, k, v, backend=BACKEND, key_padding_mask=padding, **window_kwargs(window, seqlen_k))
 
 
-FULLY_MASKED_CASES = ["causal_nq_gt_nk", "window_0_0_nq_gt_nk", "all_padding", "empty_keys"]
-
-
-def check_fully_masked_rows(case, dtype, device, backend=BACKEND):
-    """Rows that see no key: out = 0, lse = -inf, zero gradients, no NaN anywhere."""
-    kwargs, seqlen_q, seqlen_k = {}, 90, 20
-    if case == "causal_nq_gt_nk":
-        kwargs["causal"] = True  # rows 0..69 sit before key 0
-    elif case == "window_0_0_nq_gt_nk":
-        kwargs["window"] = (0, 0)
-    elif case == "all_padding":
-        kwargs["key_padding_mask"] = torch.ones(2, seqlen_k, dtype=torch.bool, device=device)
-    else:
-        seqlen_k = 0
-    q, k, v = make_qkv(2, 2, 1, seqlen_q, seqlen_k, 32, dtype=dtype, device=device, seed=3)
-    out, lse, grads = check_against_oracle(q, k, v, backend=backend, **kwargs)
-    masked_rows = torch.isneginf(lse)
-    assert masked_rows.any()
-    assert (out[masked_rows] == 0).all()
-    assert (grads[0][masked_rows] == 0).all()
-    for t in (out, lse, *grads):
-        assert not torch.isnan(t).any()
-
-
 @pytest.mark.parametrize("case", FULLY_MASKED_CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_fully_masked_rows(case, dtype):
-    check_fully_masked_rows(case, dtype, "cuda")
+    check_fully_masked_rows(case, dtype, "cuda", BACKEND)
 
 
 @pytest.mark.parametrize("layout", ["bnhd", "strided"])
