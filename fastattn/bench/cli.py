@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import platform
 import shlex
+import statistics
 import sys
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -17,7 +19,7 @@ from ..backends import BACKEND_NAMES
 from .cases import MODES, Case, flops
 from .contestants import PEER_NAMES, Contestant, DenseMasks, Setting, Skipped, Unsupported, make_fastattn, \
     make_peers
-from .measure import PeakMemory, time_calls
+from .measure import PeakMemory, time_once, warm_up
 from .oracle import REL_ERROR_LIMIT, chunked_oracle, relative_error
 from .report import HEADER, Result, format_row, plot, summary_markdown, write_csv, write_json
 
@@ -185,8 +187,38 @@ def _timed_calls(contestant: Contestant, setting: Setting):
     return (lambda: None), forward_backward
 
 
-def measure(contestant: Contestant, setting: Setting, oracle, args: argparse.Namespace, base: dict) -> Result:
-    """Gate, then time, one contestant on one setting; never raises for the contestant's failures."""
+def _failure(base: dict, exc: BaseException) -> Result:
+    """A contestant's exception as a result: the run goes on."""
+    if isinstance(exc, Skipped):
+        return Result(**base, status="skipped", note=str(exc))
+    if isinstance(exc, (Unsupported, NotImplementedError)):
+        return Result(**base, status="unsupported", note=str(exc).strip().splitlines()[0])
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return Result(**base, status="error", note="CUDA out of memory")
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return Result(**base, status="error", note=f"{type(exc).__name__}: {message}"[:300])
+
+
+@dataclasses.dataclass
+class _Timed:
+    """A contestant that passed the gate and is being timed."""
+
+    contestant: Contestant
+    base: dict
+    note: str
+    rel_error: float
+    first_call_s: float
+    prepare: Callable
+    call: Callable
+    memory: PeakMemory
+    times: List[float] = dataclasses.field(default_factory=list)
+    failure: Optional[Result] = None
+
+
+def _gate_and_warm_up(contestant: Contestant, setting: Setting, oracle, args: argparse.Namespace,
+                      base: dict) -> Union[Result, _Timed]:
+    """Prepares the contestant, checks its first call against the oracle, warms it up (measuring
+    its peak memory). Returns the failed Result, or what to time."""
     device = setting.q.device
     try:
         note = contestant.prepare(setting)
@@ -198,25 +230,56 @@ def measure(contestant: Contestant, setting: Setting, oracle, args: argparse.Nam
                           note=f"{worst} rel.err {errors[worst]:.2e} > {limit:g}" + (f"; {note}" if note else ""))
         prepare, call = _timed_calls(contestant, setting)
         memory = PeakMemory(device)
-        median_ms, all_ms = time_calls(call, device, args.warmup, args.repeats, prepare=prepare, memory=memory)
-    except Skipped as exc:
-        return Result(**base, status="skipped", note=str(exc))
-    except (Unsupported, NotImplementedError) as exc:
-        return Result(**base, status="unsupported", note=str(exc).strip().splitlines()[0])
-    except torch.cuda.OutOfMemoryError:
-        return Result(**base, status="error", note="CUDA out of memory")
+        warm_up(call, device, args.warmup, prepare, memory)
     except Exception as exc:  # a contestant's failure is a result, never the end of the run
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        return Result(**base, status="error", note=f"{type(exc).__name__}: {message}"[:300])
-    finally:
-        contestant.release()
+        return _failure(base, exc)
+    return _Timed(contestant, base, note, errors[worst], first_call_s, prepare, call, memory)
+
+
+def _result(entry: _Timed, setting: Setting) -> Result:
+    if entry.failure is not None:
+        return entry.failure
+    median_ms = statistics.median(entry.times)
     compile_s = None
-    if contestant.compiles:
-        compile_s = max(0.0, contestant.setup_s + first_call_s - median_ms / 1e3)
+    if entry.contestant.compiles:
+        compile_s = max(0.0, entry.contestant.setup_s + entry.first_call_s - median_ms / 1e3)
+    base = entry.base
     total_flops = flops(base["batch"], base["heads"], base["seqlen"], base["seqlen"], base["head_dim"],
                         base["head_dim"], setting.case, setting.mode)
-    return Result(**base, status="ok", ms=median_ms, min_ms=min(all_ms), tflops=total_flops / (median_ms * 1e-3) / 1e12,
-                  peak_mib=memory.mib, rel_error=errors[worst], compile_s=compile_s, note=note)
+    return Result(**base, status="ok", ms=median_ms, min_ms=min(entry.times),
+                  tflops=total_flops / (median_ms * 1e-3) / 1e12, peak_mib=entry.memory.mib,
+                  rel_error=entry.rel_error, compile_s=compile_s, note=entry.note)
+
+
+def measure_setting(contestants: Sequence[Contestant], setting: Setting, oracle, args: argparse.Namespace,
+                    bases: Sequence[dict], unavailable: Dict[str, Optional[str]], progress: Progress) -> List[Result]:
+    """Every contestant on one setting: each is gated and warmed up, then the timed calls are
+    interleaved, repeat by repeat, in an order rotated each repeat, so that a change in the
+    machine's load (it is shared) falls on all contestants alike and the ratios stay fair."""
+    outcomes: List[Union[Result, _Timed]] = []
+    try:
+        for contestant, base in zip(contestants, bases):
+            progress.describe(f"{base['dtype']} N={base['seqlen']} {base['case']} {base['mode']}: {contestant.name}")
+            if unavailable[contestant.name]:
+                outcomes.append(Result(**base, status="unavailable", note=unavailable[contestant.name]))
+            else:
+                outcomes.append(_gate_and_warm_up(contestant, setting, oracle, args, base))
+            progress.advance()
+        timed = [o for o in outcomes if isinstance(o, _Timed)]
+        for repeat in range(args.repeats):
+            progress.describe(f"{bases[0]['dtype']} N={bases[0]['seqlen']} {bases[0]['case']} {bases[0]['mode']}: "
+                              f"timing {len(timed)} contestants, repeat {repeat + 1}/{args.repeats}")
+            shift = repeat % max(1, len(timed))
+            for entry in timed[shift:] + timed[:shift]:
+                if entry.failure is None:
+                    try:
+                        entry.times.append(time_once(entry.call, setting.q.device, entry.prepare))
+                    except Exception as exc:  # noqa: BLE001 (reported as the contestant's result)
+                        entry.failure = _failure(entry.base, exc)
+    finally:
+        for contestant in contestants:
+            contestant.release()
+    return [_result(o, setting) if isinstance(o, _Timed) else o for o in outcomes]
 
 
 def _set_ratios(block: List[Result], contestants: Sequence[Contestant]) -> None:
@@ -251,18 +314,10 @@ def run(args: argparse.Namespace, contestants: Sequence[Contestant], progress: O
                 oracle = chunked_oracle(q, k, v, *case.window, dout=dout if needs_grads else None)
                 for mode in args.modes:
                     setting = Setting(q, k, v, dout, case, mode)
-                    block = []
-                    for contestant in contestants:
-                        base = dict(dtype=dtype_name, case=case.name, seqlen=seqlen, batch=batch, heads=args.heads,
-                                    heads_kv=args.heads_kv, head_dim=args.head_dim, mode=mode,
-                                    contestant=contestant.name)
-                        progress.describe(f"{dtype_name} N={seqlen} {case.name} {mode}: {contestant.name}")
-                        if unavailable[contestant.name]:
-                            result = Result(**base, status="unavailable", note=unavailable[contestant.name])
-                        else:
-                            result = measure(contestant, setting, oracle, args, base)
-                        block.append(result)
-                        progress.advance()
+                    bases = [dict(dtype=dtype_name, case=case.name, seqlen=seqlen, batch=batch, heads=args.heads,
+                                  heads_kv=args.heads_kv, head_dim=args.head_dim, mode=mode, contestant=c.name)
+                             for c in contestants]
+                    block = measure_setting(contestants, setting, oracle, args, bases, unavailable, progress)
                     _set_ratios(block, contestants)
                     results += block
                     for r in block:

@@ -1,9 +1,9 @@
 """Timing and peak memory of one contestant's call.
 
-Time: the median of `repeats` calls after `warmup` calls; on CUDA measured with CUDA events
-around the call (the GPU time between them), on the CPU with ``time.perf_counter``. A `prepare`
-step (e.g. the forward pass before a timed backward) runs before each call, outside the timed
-region.
+Time: one call at a time (``time_once``), on CUDA with CUDA events around the call (the GPU time
+between them), on the CPU with ``time.perf_counter``. A `prepare` step (e.g. the forward pass
+before a timed backward) runs before each call, outside the timed region. The caller takes the
+median over repeats, interleaving contestants (see ``fastattn.bench.cli``).
 
 Peak memory, reported in MiB above what was allocated before the calls (so the inputs are not
 counted; outputs, gradients and every temporary are):
@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import statistics
 import time
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Optional
 
 import torch
 
-__all__ = ["time_calls", "PeakMemory"]
+__all__ = ["warm_up", "time_once", "PeakMemory"]
 
 
 def _synchronize(device: torch.device) -> None:
@@ -36,15 +35,10 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_calls(call: Callable[[object], object], device: torch.device, warmup: int, repeats: int,
-               prepare: Callable[[], object] = lambda: None,
-               memory: Optional["PeakMemory"] = None) -> Tuple[float, List[float]]:
-    """Runs ``call(prepare())`` ``warmup`` then ``repeats`` times, timing only `call`; returns
-    (median ms, every timed ms).
-
-    `memory`, if given, is measured over the warm-up calls (or over one extra untimed call when
-    ``warmup == 0``), so that its bookkeeping never touches a timed call.
-    """
+def warm_up(call: Callable[[object], object], device: torch.device, warmup: int,
+            prepare: Callable[[], object] = lambda: None, memory: Optional["PeakMemory"] = None) -> None:
+    """Runs ``call(prepare())`` `warmup` times, untimed. `memory`, if given, is measured over these
+    calls (over one call when ``warmup == 0``), so its bookkeeping never touches a timed call."""
     if memory is not None:
         memory.start()
     for _ in range(max(warmup, 1 if memory is not None else 0)):
@@ -53,22 +47,22 @@ def time_calls(call: Callable[[object], object], device: torch.device, warmup: i
     if memory is not None:
         memory.stop()
 
-    times = []
-    for _ in range(repeats):
-        argument = prepare()
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            call(argument)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            _synchronize(device)
-            start = time.perf_counter()
-            call(argument)
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times), times
+
+def time_once(call: Callable[[object], object], device: torch.device,
+              prepare: Callable[[], object] = lambda: None) -> float:
+    """Milliseconds of one ``call(prepare())``, `prepare` untimed."""
+    argument = prepare()
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call(argument)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    _synchronize(device)
+    start = time.perf_counter()
+    call(argument)
+    return (time.perf_counter() - start) * 1e3
 
 
 def _read_status_kib(field: str) -> int:

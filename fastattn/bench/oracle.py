@@ -76,11 +76,14 @@ def chunked_oracle(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_lef
             q_block, k_block, v_block = leaves
             if group > 1:
                 k_block, v_block = (t.repeat_interleave(group, dim=1) for t in (k_block, v_block))
-            scores = (q_block @ k_block.transpose(-1, -2)) * scale
-            # Finite scores in rows that see nothing, so softmax has no NaN to propagate; the
-            # visibility product then zeroes those rows.
-            scores = scores.masked_fill(~visible, float("-inf")).masked_fill(~sees_a_key, 0.0)
-            out_block = (torch.softmax(scores, dim=-1) * visible) @ v_block
+            scores = (q_block * scale) @ k_block.transpose(-1, -2)
+            if bool(visible.all()):
+                out_block = torch.softmax(scores, dim=-1) @ v_block
+            else:
+                # Finite scores in rows that see nothing, so softmax has no NaN to propagate; the
+                # visibility product then zeroes those rows.
+                scores = scores.masked_fill(~visible, float("-inf")).masked_fill(~sees_a_key, 0.0)
+                out_block = (torch.softmax(scores, dim=-1) * visible) @ v_block
             if grads is not None:
                 dq, dk, dv = torch.autograd.grad(out_block, leaves, dout[:, :, row0:row1].to(torch.float64))
                 grads[0][:, :, row0:row1] = dq
