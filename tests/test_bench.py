@@ -2,6 +2,7 @@
 the FLOP formula and the chunked oracle. No timing is asserted, only that times are reported."""
 
 import csv
+import dataclasses
 import json
 
 import pytest
@@ -13,6 +14,7 @@ from fastattn.bench import REL_ERROR_LIMIT, Case, chunked_oracle, flops, main, p
 from fastattn.bench.cli import batch_for
 from fastattn.bench.contestants import Contestant, make_fastattn, make_peers, DenseMasks
 from fastattn.bench.measure import PeakMemory
+from fastattn.bench.report import Result
 from fastattn.testing import attention_ref, make_qkv
 
 TINY = ["--device", "cpu", "--dtype", "fp32", "--heads", "4", "--heads-kv", "2", "--head-dim", "16",
@@ -231,3 +233,36 @@ def test_cpu_peak_memory_sees_a_freed_allocation():
     del buffer
     memory.stop()
     assert 60 <= memory.mib <= 200
+
+
+def _load_must_show():
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_must_show.py"
+    spec = importlib.util.spec_from_file_location("cpu_must_show", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_must_show_checks_use_the_fastest_sdpa_and_report_missing_peers():
+    must_show = _load_must_show()
+    shape = dict(dtype="fp32", batch=1, heads=8, heads_kv=8, head_dim=64)
+
+    def row(contestant, ms, case="full", seqlen=1024, status="ok", note=""):
+        return Result(**shape, case=case, seqlen=seqlen, mode="fwd", contestant=contestant, status=status,
+                      ms=ms, ratio_to="fastattn[auto]" if status == "ok" else "", note=note)
+
+    results = [row("fastattn[auto]", 10.0), row("sdpa-flash", 11.0), row("sdpa-math", 50.0),
+               row("fastattn[auto]", 10.0, "window(256,256)", 8192), row("sdpa-flash", 150.0, "window(256,256)", 8192),
+               row("flex", None, "window(256,256)", 8192, status="unsupported", note="no CPU backward"),
+               row("fastattn[auto]", 10.0, "window(256,256)", 4096)]  # windows are judged at N = 8192 only
+    checks = must_show.check_ratios(results)
+    assert [(c[0], c[3]) for c in checks] == [(">= 1.2x SDPA", False), (">= 1.5x FlexAttention", None),
+                                              (">= 10x SDPA + dense mask", True)]
+    assert checks[0][2].startswith("1.10x (sdpa-flash") and "no CPU backward" in checks[1][2]
+
+    line = [row("fastattn[auto]", 0.5 * n / 1024, "window(256,256)", n) for n in (1024, 4096, 16384, 65536)]
+    bent = [row("fastattn[auto]", 0.5 * (n / 1024) ** 2, "window(256,256)", n) for n in (1024, 4096, 16384)]
+    assert must_show.check_scaling(line)[0][3] is True
+    assert must_show.check_scaling([dataclasses.replace(r, dtype="bf16") for r in bent])[0][3] is False

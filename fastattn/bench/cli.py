@@ -389,8 +389,11 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Result]:
         write_csv(results, os.path.join(args.out, "bench.csv"))
         write_json(results, meta, os.path.join(args.out, "bench.json"))
         with open(os.path.join(args.out, "summary.md"), "w") as f:
+            load = "" if meta["load_average"] is None else (
+                f", load average {meta['load_average'][0]:.1f} at the start, {meta['load_average_end'][0]:.1f} at the end")
             f.write(f"`{meta['command']}`\n\n{meta['device']}, {meta['cpu_threads']} threads, torch {meta['torch']}, "
-                    f"fastattn {meta['fastattn']}, {meta['date']}\n\n{summary}")
+                    f"fastattn {meta['fastattn']}, {meta['date']}{load}; warm-up {args.warmup}, median of "
+                    f"{args.repeats} interleaved timed calls\n\n{summary}")
         title = (f"fastattn.bench on {meta['device']}, {size} {heads} D={args.head_dim}, "
                  f"torch {meta['torch']}")
         paths = plot(results, args.cases, args.out, title)
