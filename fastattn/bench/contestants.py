@@ -209,7 +209,8 @@ class SdpaPeer(Contestant):
             return f"torch {torch.__version__} has no torch.nn.attention.sdpa_kernel"
         if self._backend() is None:
             return f"torch {torch.__version__} has no SDPBackend.{self.backend_name}"
-        probe = torch.zeros(1, 1, 16, head_dim, device=device, dtype=dtype)
+        # 128 tokens: a length every backend's alignment rules accept (cuDNN's included).
+        probe = torch.zeros(1, 1, 128, head_dim, device=device, dtype=dtype)
         try:
             self._sdpa(probe, probe, probe)
         except RuntimeError as exc:
@@ -267,6 +268,10 @@ def _window_mask_mod(seqlen_q: int, seqlen_k: int, left: int, right: int) -> Cal
     return mask_mod
 
 
+#: Nq * Nk from which FlexAttention's block mask is built by a compiled function (N >= 16k).
+_COMPILED_BLOCK_MASK_FROM = 1 << 28
+
+
 class FlexPeer(Contestant):
     name = "flex"
     compiles = True
@@ -285,16 +290,24 @@ class FlexPeer(Contestant):
 
     def prepare(self, setting):
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-        # A fresh compilation per setting: its compile time is its own, and dynamo's recompile
-        # limit (after which it would silently run FlexAttention eagerly, densely) is never reached.
+        # A fresh, cold compilation per setting: its compile time is its own (not shortened by
+        # inductor's on-disk caches from an earlier run), and dynamo's recompile limit (after which
+        # it would silently run FlexAttention eagerly, densely) is never reached.
         torch._dynamo.reset()
+        import torch._inductor.config as inductor_config
+        if hasattr(inductor_config, "force_disable_caches"):
+            inductor_config.force_disable_caches = True
         start = time.perf_counter()
         case = setting.case
         seqlen_q, seqlen_k = setting.q.shape[2], setting.k.shape[2]
         self.block_mask = None
         if not case.is_full:
+            # Built eagerly, create_block_mask evaluates the mask densely (N = 64k: a 32 GiB
+            # allocation); compiled, as FlexAttention advises for long sequences, it does not.
+            compile_mask = seqlen_q * seqlen_k >= _COMPILED_BLOCK_MASK_FROM
             self.block_mask = create_block_mask(_window_mask_mod(seqlen_q, seqlen_k, *case.window), None, None,
-                                                seqlen_q, seqlen_k, device=str(setting.q.device))
+                                                seqlen_q, seqlen_k, device=str(setting.q.device),
+                                                _compile=compile_mask)
         self.compiled = torch.compile(flex_attention, dynamic=False)
         self.gqa = setting.gqa
         self.setup_s = time.perf_counter() - start

@@ -124,59 +124,66 @@ def _reference_curves(case: Case, points: Dict[int, Result], anchor_seqlen: int,
     return seqlens, curves
 
 
+def _draw_panel(ax, panel: Sequence[Result], case: Case, mode: str, metric: str, colors: dict) -> None:
+    import matplotlib.ticker
+    by_contestant: Dict[str, Dict[int, Result]] = OrderedDict()
+    for r in panel:
+        by_contestant.setdefault(r.contestant, {})[r.seqlen] = r
+    for name, points in by_contestant.items():
+        seqlens = sorted(points)
+        ax.plot(seqlens, [getattr(points[n], metric) for n in seqlens], marker="o", ms=3,
+                color=colors[name], label=name, lw=2.2 if name.startswith("fastattn") else 1.2)
+    reference = next((points for name, points in by_contestant.items()
+                      if any(r.ratio_to == name for r in points.values())), None)
+    if metric == "ms" and reference:
+        anchor = min(reference)
+        seqlens, curves = _reference_curves(case, reference, anchor, reference[anchor].ms, mode)
+        for (curve_label, values), style in zip(curves, ("--", ":")):
+            ax.plot(seqlens, values, style, color="0.45", lw=1, label=f"~ {curve_label}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    seqlens = sorted({r.seqlen for r in panel})
+    ax.set_xticks(seqlens, [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in seqlens], fontsize=7)
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_xlabel("N (tokens per sequence)", fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    if panel:
+        ax.legend(fontsize=6)
+
+
 def plot(results: Sequence[Result], cases: Sequence[Case], out_dir: str, title: str) -> List[str]:
-    """Writes ``time_vs_n.png`` and ``tflops_vs_n.png``: log-log, one panel per (dtype, mode) row
-    and case column, one line per contestant; the time panels carry dashed N^2 and N*w slopes
-    through the reference fastattn contestant's first point. Returns the paths written."""
+    """Writes ``time_vs_n.png`` and ``tflops_vs_n.png``: log-log, a panel per (dtype, mode, case),
+    one line per contestant; the time panels carry dashed N^2 and dotted N*w slopes through the
+    reference fastattn contestant's first point. Returns the paths written."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        import matplotlib.ticker
     except ImportError:
         print("matplotlib is not installed: no plots (pip install matplotlib, or fastattn[bench])")
         return []
     ok = [r for r in results if r.status == "ok"]
     if not ok:
         return []
-    rows = list(OrderedDict.fromkeys((r.dtype, r.mode) for r in ok))
     contestants = list(OrderedDict.fromkeys(r.contestant for r in ok))
     colors = {name: plt.cm.tab10(i % 10) for i, name in enumerate(contestants)}
+    # A row per (dtype, mode) and a column per case; a single case is wrapped onto two columns.
+    panels = [(dtype, mode, case) for dtype, mode in OrderedDict.fromkeys((r.dtype, r.mode) for r in ok)
+              for case in cases]
+    columns = len(cases) if len(cases) > 1 else min(len(panels), 2)
+    grid_rows = -(-len(panels) // columns)
     paths = []
     for metric, label, filename in (("ms", "time per call (ms)", "time_vs_n.png"),
                                     ("tflops", "TFLOP/s (DESIGN section 6 FLOPs)", "tflops_vs_n.png")):
-        fig, axes = plt.subplots(len(rows), len(cases), figsize=(4.2 * len(cases), 3.4 * len(rows)),
-                                 squeeze=False)
-        for (dtype, mode), row_axes in zip(rows, axes):
-            for case, ax in zip(cases, row_axes):
-                panel = [r for r in ok if r.dtype == dtype and r.mode == mode and r.case == case.name]
-                by_contestant: Dict[str, Dict[int, Result]] = OrderedDict()
-                for r in panel:
-                    by_contestant.setdefault(r.contestant, {})[r.seqlen] = r
-                for name, points in by_contestant.items():
-                    seqlens = sorted(points)
-                    ax.plot(seqlens, [getattr(points[n], metric) for n in seqlens], marker="o", ms=3,
-                            color=colors[name], label=name, lw=2.2 if name.startswith("fastattn") else 1.2)
-                reference = next((points for name, points in by_contestant.items()
-                                  if any(r.ratio_to == name for r in points.values())), None)
-                if metric == "ms" and reference:
-                    anchor = min(reference)
-                    seqlens, curves = _reference_curves(case, reference, anchor, reference[anchor].ms, mode)
-                    for (curve_label, values), style in zip(curves, ("--", ":")):
-                        ax.plot(seqlens, values, style, color="0.45", lw=1, label=f"~ {curve_label}")
-                ax.set_xscale("log", base=2)
-                seqlens = sorted({r.seqlen for r in panel})
-                ax.set_xticks(seqlens, [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in seqlens],
-                              fontsize=7)
-                ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-                ax.set_yscale("log")
-                ax.set_title(f"{case.name}, {mode}, {dtype}", fontsize=9)
-                ax.set_xlabel("N (tokens per sequence)", fontsize=8)
-                ax.set_ylabel(label, fontsize=8)
-                ax.grid(True, which="both", alpha=0.3)
-                if panel:
-                    ax.legend(fontsize=6)
-        fig.suptitle(title, fontsize=9)
+        fig, axes = plt.subplots(grid_rows, columns, figsize=(4.6 * columns, 3.6 * grid_rows), squeeze=False)
+        for ax in axes.flat[len(panels):]:
+            ax.set_visible(False)
+        for (dtype, mode, case), ax in zip(panels, axes.flat):
+            panel = [r for r in ok if r.dtype == dtype and r.mode == mode and r.case == case.name]
+            _draw_panel(ax, panel, case, mode, metric, colors)
+            ax.set_title(f"{case.name}, {mode}, {dtype}", fontsize=9)
+            ax.set_ylabel(label, fontsize=8)
+        fig.suptitle(title, fontsize=9, wrap=True)
         fig.tight_layout()
         path = os.path.join(out_dir, filename)
         fig.savefig(path, dpi=110)
