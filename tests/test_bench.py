@@ -223,6 +223,8 @@ def test_flex_uses_the_same_window_and_reports_compile_time_apart():
     assert flex.compile_s is not None and flex.compile_s > 0 and flex.ms > 0
     # torch 2.14 has no FlexAttention backward on the CPU: reported, never an error.
     assert by[("flex", "fwd_bwd")].status in ("ok", "unsupported"), by[("flex", "fwd_bwd")]
+    import torch._inductor.config as inductor_config
+    assert not inductor_config.force_disable_caches  # the cold compile did not leak into the process
 
 
 @pytest.mark.skipif(not PeakMemory.cpu_supported(), reason="needs /proc/self/clear_refs (Linux)")

@@ -280,6 +280,7 @@ class FlexPeer(Contestant):
         self.compiled: Optional[Callable] = None
         self.block_mask = None
         self.gqa = False
+        self._caches_setting: Optional[bool] = None
 
     def unavailable_reason(self, device, dtype, head_dim):
         try:
@@ -295,7 +296,8 @@ class FlexPeer(Contestant):
         # it would silently run FlexAttention eagerly, densely) is never reached.
         torch._dynamo.reset()
         import torch._inductor.config as inductor_config
-        if hasattr(inductor_config, "force_disable_caches"):
+        if hasattr(inductor_config, "force_disable_caches") and self._caches_setting is None:
+            self._caches_setting = inductor_config.force_disable_caches  # restored by release()
             inductor_config.force_disable_caches = True
         start = time.perf_counter()
         case = setting.case
@@ -319,6 +321,10 @@ class FlexPeer(Contestant):
 
     def release(self):
         self.compiled, self.block_mask = None, None
+        if self._caches_setting is not None:
+            import torch._inductor.config as inductor_config
+            inductor_config.force_disable_caches = self._caches_setting
+            self._caches_setting = None
 
 
 class NaivePeer(Contestant):
