@@ -25,6 +25,7 @@ reported "n/a" with the peer's reason, not counted as passed. The checks go to s
 """
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -85,7 +86,7 @@ def check_ratios(results: Sequence[Result]) -> List[tuple]:
                 checks.append((criterion, where, "n/a: " + _why_missing(rows, prefix), None))
             else:
                 ratio = peer.ms / reference.ms
-                checks.append((criterion, where, f"{ratio:.2f}x ({peer.contestant} {peer.ms:.1f} ms / "
+                checks.append((criterion, where, f"{ratio:.3f}x ({peer.contestant} {peer.ms:.1f} ms / "
                                f"{reference.contestant} {reference.ms:.1f} ms)", ratio >= threshold))
     return checks
 
@@ -126,13 +127,21 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", default="5", help="timed calls per contestant (median taken)")
     parser.add_argument("--warmup", default="2")
     parser.add_argument("--only", choices=list(SWEEPS), nargs="+", default=list(SWEEPS))
+    parser.add_argument("--recheck", action="store_true",
+                        help="do not measure: check the bench.json files an earlier run left in --out")
     args = parser.parse_args(argv)
     report = []
     for sweep in args.only:
         bench_argv = SWEEPS[sweep] + ["--repeats", args.repeats, "--warmup", args.warmup,
                                       "--out", os.path.join(args.out, sweep)]
-        print(f"== {sweep}: python -m fastattn.bench {' '.join(bench_argv)}", flush=True)
-        results = bench_main(bench_argv)
+        if args.recheck:
+            with open(os.path.join(args.out, sweep, "bench.json")) as f:
+                recorded = json.load(f)
+            results = [Result(**r) for r in recorded["results"]]
+            bench_argv = recorded["meta"]["command"].split()[3:]
+        else:
+            print(f"== {sweep}: python -m fastattn.bench {' '.join(bench_argv)}", flush=True)
+            results = bench_main(bench_argv)
         checks = check_ratios(results) if sweep == "ratios" else check_scaling(results)
         report.append(f"## {sweep}\n\n`python -m fastattn.bench {' '.join(bench_argv)}`\n\n{format_checks(checks)}\n")
     text = "\n".join(report)
