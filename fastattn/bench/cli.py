@@ -65,7 +65,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--quiet", action="store_true", help="no table, no progress bar")
     args = parser.parse_args(argv)
 
-    args.device = torch.device(args.device)
+    try:
+        args.device = torch.device(args.device)
+    except RuntimeError as exc:
+        parser.error(f"--device: {exc}")
     if args.device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device here")
     if args.device.type not in DEFAULT_TIMING:

@@ -223,22 +223,19 @@ class SdpaPeer(Contestant):
         seqlen_q, seqlen_k = setting.q.shape[2], setting.k.shape[2]
         self.kwargs = {"enable_gqa": True} if setting.gqa else {}
         needed = setting.dense_score_bytes(_dense_copies(setting)) if self.backend_name == "MATH" else 0
-        mask = None
-        if case.is_full:
-            note = ""
-        elif case.is_causal and seqlen_q == seqlen_k:
-            self.kwargs["is_causal"] = True
-            note = "is_causal"
-        else:
+        needs_mask = not case.is_full and not (case.is_causal and seqlen_q == seqlen_k)
+        if needs_mask:
             # The backends turn a boolean mask into an additive one in the input dtype.
             needed += setting.mask_bytes() * (1 + setting.q.element_size())
-            mask = self.dense_masks
-            note = "dense bool mask"
         _check_dense_memory(needed, self.max_dense_bytes,
                             "the math backend's N x N scores" if self.backend_name == "MATH" else "the dense mask")
-        if mask is not None:
-            self.kwargs["attn_mask"] = mask.get(setting)
-        return note
+        if needs_mask:
+            self.kwargs["attn_mask"] = self.dense_masks.get(setting)
+            return "dense bool mask"
+        if case.is_causal:
+            self.kwargs["is_causal"] = True
+            return "is_causal"
+        return ""
 
     def __call__(self, q, k, v):
         try:
