@@ -1,0 +1,156 @@
+"""Issue 5's "must show" on the 2-core CPU machine kind, in one command, checked.
+
+    python benchmarks/cpu_must_show.py --out bench_out/cpu_must_show
+
+runs two ``python -m fastattn.bench`` sweeps (each one run: every contestant on the same inputs,
+timed calls interleaved) and then checks the issue's criteria on their numbers:
+
+1. ``ratios``: B=1, H=8, D=64, fp32 and bf16, N in 1024 4096 8192, full, causal, window (256, 256)
+   and (512, 0), fwd and fwd_bwd, fastattn against every peer available here;
+2. ``scaling``: the same shape, window (256, 256), N from 1k to 64k: the time-against-N plot.
+
+Criteria (a ratio is peer time / fastattn time, so > 1 means fastattn is faster):
+
+* full and causal, every N, dtype and mode: >= 1.2x the fastest SDPA backend (causal through
+  ``is_causal=True``);
+* windows (256, 256) and (512, 0) at N = 8192, every dtype and mode: >= 1.5x FlexAttention
+  (compiled, block mask, compile time excluded) and >= 10x the fastest SDPA backend given the
+  equivalent dense mask;
+* scaling: fastattn's time against N on log-log axes is a straight line of slope 1: the
+  least-squares slope is within 1 +- 0.15 and no point is more than 15% off the fitted line.
+
+A criterion whose peer could not run (e.g. FlexAttention has no CPU backward in torch 2.14) is
+reported "n/a" with the peer's reason, not counted as passed. The checks go to stdout and to
+``<out>/must_show.md``; each sweep writes its CSV, JSON, summary and plots under ``<out>/<sweep>``.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections import OrderedDict
+from typing import List, Optional, Sequence
+
+from fastattn.bench import main as bench_main
+from fastattn.bench.report import Result
+
+SHAPE = ["--device", "cpu", "--dtype", "fp32", "bf16", "--batch", "1", "--heads", "8", "--head-dim", "64",
+         "--modes", "fwd", "fwd_bwd"]
+SWEEPS = OrderedDict([
+    ("ratios", SHAPE + ["--seqlen", "1024", "4096", "8192", "--cases", "full", "causal", "window:256,256",
+                        "window:512,0", "--max-dense-gib", "4"]),
+    ("scaling", SHAPE + ["--seqlen", "1024", "2048", "4096", "8192", "16384", "32768", "65536",
+                         "--cases", "window:256,256", "--max-dense-gib", "2"]),
+])
+FULL_VS_SDPA = 1.2
+WINDOW_VS_FLEX = 1.5
+WINDOW_VS_DENSE_SDPA = 10.0
+WINDOW_SEQLEN = 8192
+SLOPE_TOLERANCE = 0.15
+LINE_DEVIATION = 0.15
+
+
+def _fastest(rows: Sequence[Result], prefix: str) -> Optional[Result]:
+    timed = [r for r in rows if r.contestant.startswith(prefix) and r.status == "ok"]
+    return min(timed, key=lambda r: r.ms) if timed else None
+
+
+def _why_missing(rows: Sequence[Result], prefix: str) -> str:
+    reasons = [f"{r.contestant} {r.status}: {r.note}" for r in rows if r.contestant.startswith(prefix)]
+    return "; ".join(reasons) or f"no {prefix} contestant in the run"
+
+
+def check_ratios(results: Sequence[Result]) -> List[tuple]:
+    """(criterion, setting, measured, passed: True/False/None) for every criterion of the sweep."""
+    settings = OrderedDict()
+    for r in results:
+        settings.setdefault((r.dtype, r.case, r.seqlen, r.mode), []).append(r)
+    checks = []
+    for (dtype, case, seqlen, mode), rows in settings.items():
+        windowed = case.startswith("window")
+        if windowed and seqlen != WINDOW_SEQLEN:
+            continue
+        targets = ([("flex", WINDOW_VS_FLEX, "FlexAttention"), ("sdpa", WINDOW_VS_DENSE_SDPA, "SDPA + dense mask")]
+                   if windowed else [("sdpa", FULL_VS_SDPA, "SDPA" + (" is_causal" if case == "causal" else ""))])
+        reference = next((r for r in rows if r.contestant == r.ratio_to), None)
+        for prefix, threshold, label in targets:
+            criterion = f">= {threshold:g}x {label}"
+            where = f"{dtype} {case} N={seqlen} {mode}"
+            peer = _fastest(rows, prefix)
+            if reference is None:
+                fastattn = [r for r in rows if r.contestant.startswith("fastattn")]
+                checks.append((criterion, where, "fastattn not timed: " + "; ".join(
+                    f"{r.contestant} {r.status}: {r.note}" for r in fastattn), False))
+            elif peer is None:
+                checks.append((criterion, where, "n/a: " + _why_missing(rows, prefix), None))
+            else:
+                ratio = peer.ms / reference.ms
+                checks.append((criterion, where, f"{ratio:.3f}x ({peer.contestant} {peer.ms:.1f} ms / "
+                               f"{reference.contestant} {reference.ms:.1f} ms)", ratio >= threshold))
+    return checks
+
+
+def check_scaling(results: Sequence[Result]) -> List[tuple]:
+    """Least-squares fit of log(ms) against log(N) for the reference fastattn contestant."""
+    series = OrderedDict()
+    for r in results:
+        if r.status == "ok" and r.contestant == r.ratio_to:
+            series.setdefault((r.dtype, r.case, r.mode, r.contestant), []).append((r.seqlen, r.ms))
+    checks = []
+    for (dtype, case, mode, name), points in series.items():
+        xs = [math.log(n) for n, _ in points]
+        ys = [math.log(ms) for _, ms in points]
+        mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+        slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
+        deviation = max(abs(math.exp(y - (mean_y + slope * (x - mean_x))) - 1) for x, y in zip(xs, ys))
+        span = f"N {points[0][0]}..{points[-1][0]}: {points[0][1]:.1f} .. {points[-1][1]:.1f} ms"
+        checks.append((f"straight line, slope 1 +- {SLOPE_TOLERANCE:g}", f"{name} {dtype} {case} {mode}",
+                       f"slope {slope:.3f}, max {100 * deviation:.0f}% off the line ({span})",
+                       abs(slope - 1) <= SLOPE_TOLERANCE and deviation <= LINE_DEVIATION))
+    return checks
+
+
+def format_checks(checks: Sequence[tuple]) -> str:
+    verdict = {True: "PASS", False: "FAIL", None: "n/a"}
+    lines = ["| criterion | setting | measured | result |", "| --- | --- | --- | --- |"]
+    lines += [f"| {criterion} | {where} | {measured} | {verdict[passed]} |"
+              for criterion, where, measured, passed in checks]
+    counts = {v: sum(1 for c in checks if c[3] is k) for k, v in verdict.items()}
+    lines.append(f"\n{counts['PASS']} PASS, {counts['FAIL']} FAIL, {counts['n/a']} n/a")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench_out/cpu_must_show")
+    parser.add_argument("--repeats", default="5", help="timed calls per contestant (median taken)")
+    parser.add_argument("--warmup", default="2")
+    parser.add_argument("--only", choices=list(SWEEPS), nargs="+", default=list(SWEEPS))
+    parser.add_argument("--recheck", action="store_true",
+                        help="do not measure: check the bench.json files an earlier run left in --out")
+    args = parser.parse_args(argv)
+    report = []
+    for sweep in args.only:
+        bench_argv = SWEEPS[sweep] + ["--repeats", args.repeats, "--warmup", args.warmup,
+                                      "--out", os.path.join(args.out, sweep)]
+        if args.recheck:
+            with open(os.path.join(args.out, sweep, "bench.json")) as f:
+                recorded = json.load(f)
+            results = [Result(**r) for r in recorded["results"]]
+            bench_argv = recorded["meta"]["command"].split()[3:]
+        else:
+            print(f"== {sweep}: python -m fastattn.bench {' '.join(bench_argv)}", flush=True)
+            results = bench_main(bench_argv)
+        checks = check_ratios(results) if sweep == "ratios" else check_scaling(results)
+        report.append(f"## {sweep}\n\n`python -m fastattn.bench {' '.join(bench_argv)}`\n\n{format_checks(checks)}\n")
+    text = "\n".join(report)
+    print("\n" + text)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "must_show.md"), "w") as f:
+        f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
