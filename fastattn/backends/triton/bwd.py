@@ -4,10 +4,12 @@ Three launches, no atomics, so gradients are bitwise deterministic:
 
 1. ``_attn_bwd_preprocess``: ``delta = rowsum(dout * out)`` (float32, (B, Hq, Nq)), by the same dot
    as dP so that rows seeing one key get dS = 0 exactly.
-2. ``_attn_bwd_dkdv``: one program per (key block, kv head) owns dk and dv of its keys in registers
-   and walks the query rows that can see them (``blocks.query_block_bounds``), over every query
-   head of its GQA group, recomputing ``P^T = exp2(scale * log2(e) * K Q^T - lse * log2(e))``:
-   ``dv += P^T dout``, ``dk += (P^T * (V dout^T - delta)) q``.
+2. ``_attn_bwd_dkdv``: one program per (key block, query head) owns that head's share of dk and dv
+   of its keys in registers and walks the query rows that can see them
+   (``blocks.query_block_bounds``), recomputing ``P^T = exp2(scale * log2(e) * K Q^T - lse * log2(e))``:
+   ``dv += P^T dout``, ``dk += (P^T * (V dout^T - delta)) q``. With GQA the shares go to an fp32
+   buffer per query head and are summed over each group afterwards, in a fixed order (a loop over
+   the group inside the program needed twice the shared memory and spilled registers).
 3. ``_attn_bwd_dq``: one program per (query block, query head) walks the key blocks its rows can see
    (``blocks.key_block_bounds``): ``dq += (P * (dout V^T - delta)) k``.
 
@@ -100,7 +102,7 @@ def _dkdv_blocks(dk, dv, k, v, K_block, V_block, stride_kn, stride_vn, Q_head, D
     return dk, dv
 
 
-@triton.jit(do_not_specialize=SIZE_ARGUMENTS + ["heads_kv"])
+@triton.jit(do_not_specialize=SIZE_ARGUMENTS)
 def _attn_bwd_dkdv(Q, K, V, DOut, Lse, Delta, DK, DV, Padding,
                    stride_qb, stride_qh, stride_qm,
                    stride_kb, stride_kh, stride_kn,
@@ -109,15 +111,16 @@ def _attn_bwd_dkdv(Q, K, V, DOut, Lse, Delta, DK, DV, Padding,
                    stride_dkb, stride_dkh, stride_dkn,
                    stride_dvb, stride_dvh, stride_dvn,
                    stride_pb, stride_pn,
-                   heads_q, heads_kv, kv_group, seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
+                   heads_q, kv_group, seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                    scale, scale_log2, SEQLEN_Q_BUCKET, SEQLEN_K_BUCKET, SPAN_BUCKET,
                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_PADDING: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     off_bh = tl.program_id(1)
-    off_b = off_bh // heads_kv
-    off_hkv = off_bh % heads_kv
+    off_b = off_bh // heads_q
+    off_hq = off_bh % heads_q
+    off_hkv = off_hq // kv_group
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -136,27 +139,23 @@ def _attn_bwd_dkdv(Q, K, V, DOut, Lse, Delta, DK, DV, Padding,
     key_end = tl.minimum(start_n + BLOCK_N, seqlen_k)
     start, full_start, full_end, end = query_block_bounds(start_n, key_end, seqlen_q, seqlen_k, window_left,
                                                           window_right, BLOCK_M)
-    # Every query head of the GQA group adds into this program's dk/dv: no other program writes them.
-    for group_member in range(0, kv_group):
-        off_hq = off_hkv * kv_group + group_member
-        Q_head = head_base(Q, off_b, off_hq, stride_qb, stride_qh)
-        DOut_head = head_base(DOut, off_b, off_hq, stride_dob, stride_doh)
-        row_base = (off_b * heads_q + off_hq).to(tl.int64) * seqlen_q
-        Lse_row = Lse + row_base
-        Delta_row = Delta + row_base
-        # Lower-edge query blocks (masked), fully visible ones (unmasked), upper-edge ones (masked).
-        for phase in tl.static_range(3):
-            if phase == 0:
-                block_start, block_end = start, full_start
-            elif phase == 1:
-                block_start, block_end = full_start, full_end
-            else:
-                block_start, block_end = full_end, end
-            dk, dv = _dkdv_blocks(dk, dv, k, v, K_block, V_block, stride_kn, stride_vn, Q_head, DOut_head, Lse_row,
-                                  Delta_row, q_offsets, do_offsets, stride_qm, stride_dom, offs_n, offs_m, offs_d,
-                                  offs_dv, head_dim, head_dim_v, block_start, block_end, seqlen_q, seqlen_k,
-                                  window_left, window_right, scale_log2, BLOCK_M, phase != 1, DOT_PRECISION,
-                                  INTERPRETER)
+    Q_head = head_base(Q, off_b, off_hq, stride_qb, stride_qh)
+    DOut_head = head_base(DOut, off_b, off_hq, stride_dob, stride_doh)
+    Lse_row = Lse + off_bh.to(tl.int64) * seqlen_q
+    Delta_row = Delta + off_bh.to(tl.int64) * seqlen_q
+    # Lower-edge query blocks (masked), fully visible ones (unmasked), upper-edge ones (masked).
+    for phase in tl.static_range(3):
+        if phase == 0:
+            block_start, block_end = start, full_start
+        elif phase == 1:
+            block_start, block_end = full_start, full_end
+        else:
+            block_start, block_end = full_end, end
+        dk, dv = _dkdv_blocks(dk, dv, k, v, K_block, V_block, stride_kn, stride_vn, Q_head, DOut_head, Lse_row,
+                              Delta_row, q_offsets, do_offsets, stride_qm, stride_dom, offs_n, offs_m, offs_d,
+                              offs_dv, head_dim, head_dim_v, block_start, block_end, seqlen_q, seqlen_k,
+                              window_left, window_right, scale_log2, BLOCK_M, phase != 1, DOT_PRECISION,
+                              INTERPRETER)
 
     dk = dk * scale
     if HAS_PADDING:
@@ -165,8 +164,8 @@ def _attn_bwd_dkdv(Q, K, V, DOut, Lse, Delta, DK, DV, Padding,
                           other=1)
         dk = tl.where(padding[:, None] != 0, 0.0, dk)
         dv = tl.where(padding[:, None] != 0, 0.0, dv)
-    DK_block = tile_base(DK, off_b, off_hkv, start_n, stride_dkb, stride_dkh, stride_dkn)
-    DV_block = tile_base(DV, off_b, off_hkv, start_n, stride_dvb, stride_dvh, stride_dvn)
+    DK_block = tile_base(DK, off_b, off_hq, start_n, stride_dkb, stride_dkh, stride_dkn)
+    DV_block = tile_base(DV, off_b, off_hq, start_n, stride_dvb, stride_dvh, stride_dvn)
     store_tile(DK_block + block_keys * stride_dkn + offs_d[None, :], dk, offs_n, seqlen_k, offs_d, head_dim,
                INTERPRETER)
     store_tile(DV_block + block_keys * stride_dvn + offs_dv[None, :], dv, offs_n, seqlen_k, offs_dv, head_dim_v,
@@ -282,15 +281,26 @@ def attention_backward(dout, q, k, v, out, lse, key_padding_mask, scale: float, 
     sizes = (seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, scale, scale * LOG2E,
              *configs.buckets(seqlen_q, seqlen_k, window_left, window_right))
     constexprs = kernel_constexprs(q.dtype, head_dim, head_dim_v, key_padding_mask is not None)
-    launch("dkdv", attn_bwd_dkdv_autotuned, lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * heads_kv),
-           q, k, v, dout, lse, delta, dk, dv, padding,
+    # With GQA each query head's share of dk/dv goes to an fp32 buffer, summed over the group below
+    # in a fixed order (deterministic, no atomics); without, the kernel writes dk and dv directly.
+    kv_group = heads_q // heads_kv
+    if kv_group == 1:
+        dk_heads, dv_heads = dk, dv
+    else:
+        dk_heads = torch.empty((batch, heads_q, seqlen_k, head_dim), dtype=torch.float32, device=q.device)
+        dv_heads = torch.empty((batch, heads_q, seqlen_k, head_dim_v), dtype=torch.float32, device=q.device)
+    launch("dkdv", attn_bwd_dkdv_autotuned, lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * heads_q),
+           q, k, v, dout, lse, delta, dk_heads, dv_heads, padding,
            q.stride(0), q.stride(1), q.stride(2),
            k.stride(0), k.stride(1), k.stride(2),
            v.stride(0), v.stride(1), v.stride(2),
            dout.stride(0), dout.stride(1), dout.stride(2),
-           dk.stride(0), dk.stride(1), dk.stride(2),
-           dv.stride(0), dv.stride(1), dv.stride(2),
-           *padding_strides, heads_q, heads_kv, heads_q // heads_kv, *sizes, **constexprs)
+           dk_heads.stride(0), dk_heads.stride(1), dk_heads.stride(2),
+           dv_heads.stride(0), dv_heads.stride(1), dv_heads.stride(2),
+           *padding_strides, heads_q, kv_group, *sizes, **constexprs)
+    if kv_group > 1:
+        dk.copy_(dk_heads.view(batch, heads_kv, kv_group, seqlen_k, head_dim).sum(2))
+        dv.copy_(dv_heads.view(batch, heads_kv, kv_group, seqlen_k, head_dim_v).sum(2))
     launch("dq", attn_bwd_dq_autotuned, lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads_q),
            q, k, v, dout, lse, delta, dq, padding,
            q.stride(0), q.stride(1), q.stride(2),
@@ -298,4 +308,4 @@ def attention_backward(dout, q, k, v, out, lse, key_padding_mask, scale: float, 
            v.stride(0), v.stride(1), v.stride(2),
            dout.stride(0), dout.stride(1), dout.stride(2),
            dq.stride(0), dq.stride(1), dq.stride(2),
-           *padding_strides, heads_q, heads_q // heads_kv, *sizes, **constexprs)
+           *padding_strides, heads_q, kv_group, *sizes, **constexprs)

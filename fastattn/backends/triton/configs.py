@@ -55,7 +55,7 @@ _FWD = {
         32: [(32, 32, 4, 2, BOTH), (64, 32, 8, 2, SM80)],
         64: [(32, 32, 8, 2, SM80), (64, 16, 8, 2, SM90)],
         128: [(32, 32, 8, 2, BOTH), (64, 16, 8, 2, SM90), (32, 16, 4, 2, SM80)],
-        256: [(64, 16, 8, 2, BOTH), (32, 32, 8, 2, SM90), (32, 16, 8, 2, SM80)],
+        256: [(32, 32, 8, 2, SM90), (32, 16, 8, 2, SM80)],
     },
 }
 # dK/dV: BLOCK_N keys per program (dk, dv accumulated in registers), BLOCK_M query rows per step.

@@ -104,7 +104,7 @@ def _kernel_arguments(kernel: str, dtype: str, head_dim: int, padding: bool) -> 
         args = {**common, "DK": dtype, "DV": dtype, "Padding": pad["Padding"],
                 **strides("q"), **key_strides("k"), **key_strides("v"), **strides("do"), **key_strides("dk"),
                 **key_strides("dv"), "stride_pb": pad["stride_pb"], "stride_pn": pad["stride_pn"],
-                "heads_q": h, "heads_kv": h, "kv_group": 1, "seqlen_q": n, "seqlen_k": n, "head_dim": d,
+                "heads_q": h, "kv_group": 1, "seqlen_q": n, "seqlen_k": n, "head_dim": d,
                 "head_dim_v": d, **window,
                 "scale": 0.088, "scale_log2": 0.128, **buckets}
         return bwd._attn_bwd_dkdv, args
