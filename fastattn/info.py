@@ -9,7 +9,7 @@ import sys
 import torch
 
 from . import __version__
-from .backends import PRIORITY, all_backends
+from .backends import CUDA_CPP_MAX_SPAN, PRIORITY, all_backends
 
 
 def collect() -> dict:
@@ -38,7 +38,8 @@ def format_report(info: dict) -> str:
              f"(CUDA {info['torch_cuda'] or 'none'})  triton {info['triton'] or 'not installed'}",
              f"platform {info['platform']}, {info['cpu_threads']} CPU threads, "
              f"GPUs: {', '.join(info['cuda_devices']) or 'none'}",
-             "auto tries: " + "; ".join(f"{dev}: {' > '.join(names)}" for dev, names in info["auto_priority"].items()),
+             "auto tries: " + "; ".join(f"{dev}: {' > '.join(names)}" for dev, names in info["auto_priority"].items())
+             + f" (cuda fp16/bf16 rows seeing <= {CUDA_CPP_MAX_SPAN} keys: cpp first)",
              ""]
     for backend in info["backends"]:
         status = "available" if backend["available"] else "UNAVAILABLE: " + "; ".join(backend["unavailable_because"])

@@ -133,8 +133,27 @@ def test_auto_picks_cpp_on_cpu():
     assert backends.select_backend(problem).name == "cpp"
 
 
+@pytest.mark.parametrize("dtype, seqlen, window, first", [
+    (torch.bfloat16, 16384, (-1, -1), "triton"),
+    (torch.bfloat16, 16384, (256, 256), "cpp"),
+    (torch.float16, 16384, (1023, 0), "cpp"),
+    (torch.float16, 16384, (1024, 0), "triton"),
+    (torch.bfloat16, 1024, (-1, 0), "cpp"),
+    (torch.float32, 16384, (256, 256), "triton"),
+])
+def test_auto_priority_on_cuda_follows_the_span(dtype, seqlen, window, first):
+    """On CUDA, fp16/bf16 rows seeing at most CUDA_CPP_MAX_SPAN keys try the C++ kernels first
+    (faster there on an H100, benchmarks/RESULTS.md); long rows and fp32 try Triton first."""
+    problem = backends.AttentionProblem(
+        device_type="cuda", dtype=dtype, batch=1, heads_q=16, heads_kv=16, seqlen_q=seqlen, seqlen_k=seqlen,
+        head_dim=128, head_dim_v=128, window_left=window[0], window_right=window[1],
+        has_key_padding_mask=False, needs_grad=True)
+    order = backends.auto_priority(problem)
+    assert order[0] == first and sorted(order) == sorted(backends.PRIORITY["cuda"]) and order[-1] == "reference"
+
+
 def test_named_backend_that_cannot_serve_lists_reasons():
-    q, k, v = qkv()
+    q, k, v = (t.double() for t in qkv())  # no Triton kernel takes float64, on any device
     with pytest.raises(fastattn.BackendNotSupportedError, match="backend='triton' cannot serve this call"):
         fastattn.attention(q, k, v, backend="triton")
 

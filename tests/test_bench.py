@@ -198,8 +198,9 @@ def test_tiny_run_writes_table_csv_json_summary_and_plots(tmp_path, capsys):
 
 
 def test_unavailable_unsupported_and_skipped_are_reported_not_fatal():
+    # float64: no Triton kernel takes it (under TRITON_INTERPRET=1 Triton serves fp32 on the CPU).
     args = parse_args(TINY + ["--seqlen", "64", "--cases", "window:4,4", "--modes", "fwd", "--quiet",
-                              "--backends", "auto", "triton"])
+                              "--backends", "auto", "triton", "--dtype", "fp64"])
     dense_masks = DenseMasks()
     tiny_limit = 1000  # bytes: any dense N x N tensor exceeds it
     contestants = make_fastattn(args.backends, tiny_limit) + make_peers(

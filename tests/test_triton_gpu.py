@@ -150,11 +150,16 @@ def test_torch_compile_inductor_fullgraph():
         assert torch.equal(compiled_grad, eager_grad)
 
 
-def test_auto_dispatch_picks_triton_on_cuda():
-    from fastattn.backends import AttentionProblem, select_backend
+def test_auto_dispatch_on_cuda():
+    """Long rows go to Triton; rows that see at most CUDA_CPP_MAX_SPAN keys to the CUDA kernels
+    when they are compiled (fastattn.backends.auto_priority)."""
+    from fastattn.backends import AttentionProblem, get_backend, select_backend
 
-    q, k, v = cuda_qkv(1, 2, 2, 64, 64, 64)
+    q, k, v = cuda_qkv(1, 2, 2, 4096, 4096, 64)
     assert select_backend(AttentionProblem.from_tensors(q, k, v, None, -1, 0)).name == "triton"
+    windowed = AttentionProblem.from_tensors(q, k, v, None, 256, 256)
+    expected = "cpp" if not get_backend("cpp").not_supported_reasons(windowed) else "triton"
+    assert select_backend(windowed).name == expected
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")

@@ -146,21 +146,9 @@ def round_to(x, dtype: tl.constexpr, INTERPRETER: tl.constexpr):
 def mma(a, b, acc, DOT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
     """``a @ b (+ acc)`` accumulated in fp32. The Triton interpreter's dot multiplies bf16 bit
     patterns, so there bf16 operands are upcast first: bf16 products are exact in fp32, which is
-    what the tensor cores compute.
-
-    IEEE fp32 (CUDA cores) sums one block's products apart and then adds them to `acc`: feeding
-    `acc` into the dot would chain one rounding per key (or query) over the whole sequence, while
-    blocked sums round about ``block + N / block`` times, like the blocked matrix products of the
-    reference the tests hold the kernels to."""
+    what the tensor cores compute."""
     if INTERPRETER and a.dtype == tl.bfloat16:
         result = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    elif DOT_PRECISION == "ieee" and acc is not None:
-        partial = tl.dot(a, b, input_precision="ieee")
-        if not INTERPRETER:
-            # An opaque copy: triton would otherwise fold `acc + dot(a, b)` back into `dot(a, b, acc)`.
-            partial = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [partial], dtype=tl.float32,
-                                                is_pure=True, pack=1)
-        result = acc + partial
     else:
         result = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     return result
