@@ -84,6 +84,36 @@ __device__ __forceinline__ float dot_fp32(const float* a, const float* b, int n)
 }
 
 // ---------------------------------------------------------------------------------------------
+// acc[r][c] += sum over the tile's kTile rows j of weight_j(r) * tile[j][lane + 32 c], where lane j
+// holds weight_j(r) in weight[r] (broadcast by warp shuffles). Rows past the tile's extent must have
+// weight 0 and zero-filled tile rows, so the trip count is fixed and unrolls fully. The tile's
+// products are summed apart and then added to acc: one FMA chain over every key of a row would
+// round once per key in sequence, blocked sums ~(32 + N / 32) times, as accurate as the blocked
+// matrix products of the reference the tests hold us to.
+template <int RPW, int COLS, int LD>
+__device__ __forceinline__ void add_tile_product(float (&acc)[RPW][COLS], const float (&weight)[RPW],
+                                                 const float* tile, int lane) {
+  float tile_sum[RPW][COLS] = {};
+#pragma unroll
+  for (int j = 0; j < kTile; ++j) {
+    float row[COLS];
+#pragma unroll
+    for (int c = 0; c < COLS; ++c) row[c] = tile[j * LD + lane + 32 * c];
+#pragma unroll
+    for (int r = 0; r < RPW; ++r) {
+      const float wj = __shfl_sync(kFullMask, weight[r], j);
+#pragma unroll
+      for (int c = 0; c < COLS; ++c) tile_sum[r][c] = fmaf(wj, row[c], tile_sum[r][c]);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < RPW; ++r) {
+#pragma unroll
+    for (int c = 0; c < COLS; ++c) acc[r][c] += tile_sum[r][c];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Forward: a CTA per (block of 4 * RPW query rows, batch * head); a warp owns RPW rows.
 template <int HD>
 __global__ void __launch_bounds__(kThreads, 1) attention_forward_fp32_kernel(const AttentionParams p) {
@@ -140,28 +170,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_forward_fp32_kernel(con
 #pragma unroll
       for (int c = 0; c < COLS; ++c) o[r][c] *= rescale;
     }
-    // Keys past `keys` have P = 0 and zero-filled v rows: a fixed trip count unrolls fully.
-    // The tile's products are summed apart and then added to o: one FMA chain over every key
-    // of the row would round once per key in sequence, blocked sums ~(32 + N / 32) times, as
-    // accurate as the blocked matrix products of the reference the tests hold us to.
-    float tile_o[RPW][COLS] = {};
-#pragma unroll
-    for (int j = 0; j < kTile; ++j) {
-      float vj[COLS];
-#pragma unroll
-      for (int c = 0; c < COLS; ++c) vj[c] = v_s[j * LD + lane + 32 * c];
-#pragma unroll
-      for (int r = 0; r < RPW; ++r) {
-        const float pj = __shfl_sync(kFullMask, s[r], j);
-#pragma unroll
-        for (int c = 0; c < COLS; ++c) tile_o[r][c] = fmaf(pj, vj[c], tile_o[r][c]);
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < RPW; ++r) {
-#pragma unroll
-      for (int c = 0; c < COLS; ++c) o[r][c] += tile_o[r][c];
-    }
+    // Keys past `keys` have P = 0 and zero-filled v rows.
+    add_tile_product<RPW, COLS, LD>(o, s, v_s, lane);
   }
 
   float* lse = static_cast<float*>(p.lse) + block.batch_head * p.seqlen_q;
@@ -246,24 +256,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const float dp = dot_fp32(dout_s + (warp * RPW + r) * LD, v_s + lane * LD, Dv);
       ds[r] = exp2f(fmaf(s, scale_log2, -lse_log2[r])) * (dp - delta[r]);
     }
-    float tile_dq[RPW][COLS] = {};  // summed apart, as the forward's tile_o
-#pragma unroll
-    for (int j = 0; j < kTile; ++j) {  // keys past `keys`: dS = 0 and zero-filled k rows
-      float kj[COLS];
-#pragma unroll
-      for (int c = 0; c < COLS; ++c) kj[c] = k_s[j * LD + lane + 32 * c];
-#pragma unroll
-      for (int r = 0; r < RPW; ++r) {
-        const float dsj = __shfl_sync(kFullMask, ds[r], j);
-#pragma unroll
-        for (int c = 0; c < COLS; ++c) tile_dq[r][c] = fmaf(dsj, kj[c], tile_dq[r][c]);
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < RPW; ++r) {
-#pragma unroll
-      for (int c = 0; c < COLS; ++c) dq[r][c] += tile_dq[r][c];
-    }
+    add_tile_product<RPW, COLS, LD>(dq, ds, k_s, lane);  // keys past `keys`: dS = 0, zero-filled k rows
   }
 
   const float scale = static_cast<float>(p.scale);
