@@ -10,7 +10,11 @@ timed calls interleaved) and then checks the issue's criteria on their numbers:
 2. ``windows``: the same shape at N = 8192, windows (256, 256) and (512, 0), against SDPA with the
    dense mask and FlexAttention (kept to the settings it is judged on: it compiles each one cold);
 3. ``scaling``: the same shape, window (256, 256), N from 1k to 64k, fastattn alone: the
-   time-against-N plot.
+   time-against-N plot;
+4. ``ceiling``: this machine's ``torch.mm`` rate at one head's product shapes (N = 4096, D = 64)
+   and at a large square, per dtype, beside the full-attention forward rates of fastattn and the
+   fastest SDPA backend from ``ratios`` as fractions of it: how close to the machine's limit the
+   kernels are (a reported measurement, not a pass/fail criterion).
 
 Criteria (a ratio is peer time / fastattn time, so > 1 means fastattn is faster):
 
@@ -28,6 +32,7 @@ reported "n/a" with the peer's reason, not counted as passed. The checks go to s
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -36,9 +41,12 @@ from collections import OrderedDict
 from typing import List, Optional, Sequence
 
 from fastattn.bench import main as bench_main
+from fastattn.bench.ceiling import MatmulRate, attention_shapes, ceiling_table, matmul_rates
 from fastattn.bench.report import Result
 
-SHAPE = ["--device", "cpu", "--dtype", "fp32", "bf16", "--batch", "1", "--heads", "8", "--head-dim", "64",
+DTYPES = ["fp32", "bf16"]
+HEAD_DIM = 64
+SHAPE = ["--device", "cpu", "--dtype", *DTYPES, "--batch", "1", "--heads", "8", "--head-dim", str(HEAD_DIM),
          "--modes", "fwd", "fwd_bwd"]
 SDPA_PEERS = ["sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math"]
 SWEEPS = OrderedDict([
@@ -49,6 +57,7 @@ SWEEPS = OrderedDict([
     ("scaling", SHAPE + ["--seqlen", "1024", "2048", "4096", "8192", "16384", "32768", "65536",
                          "--cases", "window:256,256", "--peers", "--max-dense-gib", "2"]),
 ])
+CEILING_SEQLEN = 4096
 FULL_VS_SDPA = 1.2
 WINDOW_VS_FLEX = 1.5
 WINDOW_VS_DENSE_SDPA = 10.0
@@ -117,6 +126,34 @@ def check_scaling(results: Sequence[Result]) -> List[tuple]:
     return checks
 
 
+def attention_rates(results: Sequence[Result]) -> List[tuple]:
+    """(dtype, label, GFLOP/s) of fastattn and of the fastest SDPA backend, full attention forward
+    at N = CEILING_SEQLEN, from the ratios sweep."""
+    rates = []
+    for dtype in OrderedDict.fromkeys(r.dtype for r in results):
+        rows = [r for r in results if r.dtype == dtype and r.case == "full" and r.mode == "fwd"
+                and r.seqlen == CEILING_SEQLEN and r.status == "ok"]
+        for row in [next((r for r in rows if r.contestant == r.ratio_to), None), _fastest(rows, "sdpa")]:
+            if row is not None:
+                rates.append((dtype, f"{row.contestant}, full, N={row.seqlen}, fwd", 1e3 * row.tflops))
+    return rates
+
+
+def measure_ceiling(out_dir: str, recheck: bool, ratio_results: Sequence[Result], repeats: int) -> str:
+    """The ceiling section: torch.mm rates (measured, or read back from ceiling.json with
+    --recheck) beside the attention rates of the ratios sweep."""
+    path = os.path.join(out_dir, "ceiling", "ceiling.json")
+    if recheck:
+        with open(path) as f:
+            rates = [MatmulRate(**{**r, "shape": tuple(r["shape"])}) for r in json.load(f)]
+    else:
+        rates = matmul_rates(attention_shapes(CEILING_SEQLEN, HEAD_DIM), DTYPES, repeats=repeats)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump([dataclasses.asdict(r) for r in rates], f, indent=1)
+    return ceiling_table(rates, attention_rates(ratio_results))
+
+
 def format_checks(checks: Sequence[tuple]) -> str:
     verdict = {True: "PASS", False: "FAIL", None: "n/a"}
     lines = ["| criterion | setting | measured | result |", "| --- | --- | --- | --- |"]
@@ -132,12 +169,21 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="bench_out/cpu_must_show")
     parser.add_argument("--repeats", default="5", help="timed calls per contestant (median taken)")
     parser.add_argument("--warmup", default="2")
-    parser.add_argument("--only", choices=list(SWEEPS), nargs="+", default=list(SWEEPS))
+    parser.add_argument("--only", choices=list(SWEEPS) + ["ceiling"], nargs="+", default=list(SWEEPS) + ["ceiling"])
     parser.add_argument("--recheck", action="store_true",
                         help="do not measure: check the bench.json files an earlier run left in --out")
     args = parser.parse_args(argv)
     report = []
+    ratio_results: List[Result] = []
     for sweep in args.only:
+        if sweep == "ceiling":
+            if not ratio_results and os.path.exists(os.path.join(args.out, "ratios", "bench.json")):
+                with open(os.path.join(args.out, "ratios", "bench.json")) as f:
+                    ratio_results = [Result(**r) for r in json.load(f)["results"]]
+            print("== ceiling: torch.mm at the attention's shapes", flush=True)
+            table = measure_ceiling(args.out, args.recheck, ratio_results, int(args.repeats))
+            report.append(f"## ceiling\n\n{table}\n")
+            continue
         bench_argv = SWEEPS[sweep] + ["--repeats", args.repeats, "--warmup", args.warmup,
                                       "--out", os.path.join(args.out, sweep)]
         if args.recheck:
@@ -148,6 +194,8 @@ def main(argv=None) -> int:
         else:
             print(f"== {sweep}: python -m fastattn.bench {' '.join(bench_argv)}", flush=True)
             results = bench_main(bench_argv)
+        if sweep == "ratios":
+            ratio_results = results
         checks = check_scaling(results) if sweep == "scaling" else check_ratios(results)
         report.append(f"## {sweep}\n\n`python -m fastattn.bench {' '.join(bench_argv)}`\n\n{format_checks(checks)}\n")
     text = "\n".join(report)

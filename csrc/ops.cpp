@@ -7,6 +7,7 @@
 #include <Python.h>
 
 #include "cpu/simd.h"  // first ATen header: selects at::vec's ISA, names it FASTATTN_CPU_CAPABILITY
+#include "cpu/amx.h"
 
 #include <torch/library.h>
 
@@ -38,7 +39,10 @@ PyObject* PyInit__C(void) {
 #else
   const long openmp = 0;
 #endif
+  // How the CPU kernels multiply bf16 tiles on this machine: benchmark results depend on it.
+  const char* bf16_products = fastattn::cpu::amx_bf16_available() ? "AMX" : "fp32 FMA";
   if (PyModule_AddStringConstant(module, "cpu_capability", FASTATTN_CPU_CAPABILITY) < 0 ||
+      PyModule_AddStringConstant(module, "cpu_bf16_products", bf16_products) < 0 ||
       PyModule_AddIntConstant(module, "with_cuda", with_cuda ? 1 : 0) < 0 ||
       PyModule_AddIntConstant(module, "openmp", openmp) < 0) {
     Py_DECREF(module);

@@ -17,6 +17,11 @@ outputs, 3 for gradients), plus a floor.
   and dv come from the same products dout v^T and P^T dout). Without the latter, a gradient that
   is exactly 0 (dq of a row that sees a single key: dS = P (dP - delta) cancels) would have to
   come out exactly 0, which only a kernel summing dP and delta in the same order achieves.
+
+A float64 oracle is no more precise than a float64 kernel: its own rounding (about as large as
+the kernel's) would count as the kernel's error. For float64 inputs the oracle is therefore
+``attention_ref_extended``, computed in the platform's extended precision (``numpy.longdouble``,
+64-bit significand on x86) and rounded to float64.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import torch
 from . import masks
 from .backends.reference import dense_attention, dense_attention_backward
 
-__all__ = ["attention_ref", "make_qkv", "random_padding_mask", "error_floor", "assert_close_to_oracle",
+__all__ = ["attention_ref", "attention_ref_extended", "extended_precision_available", "make_qkv", "random_padding_mask", "error_floor", "assert_close_to_oracle",
            "attention_ref_grads",
            "OUTPUT_FACTOR", "GRAD_FACTOR"]
 
@@ -62,6 +67,96 @@ def attention_ref_grads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout:
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return dense_attention_backward(dout, q, k, v, key_padding_mask, scale, left, right,
                                     torch.float64 if upcast else q.dtype)
+
+
+def extended_precision_available() -> bool:
+    """Whether ``numpy.longdouble`` carries more bits than float64 (x86 and most Linux
+    platforms; not macOS on arm64 nor Windows, where it is float64 itself)."""
+    import numpy as np
+    return np.finfo(np.longdouble).nmant > np.finfo(np.float64).nmant
+
+
+def _extended_matmul(a, b):
+    """``a @ b`` of numpy ``longdouble`` arrays (batched over leading axes), accurate to the
+    longdouble precision, from float64 matmuls that make no rounding error.
+
+    Ozaki's error-free splitting: each row of `a` (column of `b`) is cut into slices of integers
+    below ``2**bits`` times a power-of-two unit, with ``2 * bits + log2(K) <= 52`` so that the
+    product of two slices sums exactly in float64 whatever BLAS's order. A naive longdouble
+    matmul (no BLAS) would take minutes at the grid's sizes.
+    """
+    import numpy as np
+    reduction = a.shape[-1]
+    total = np.zeros(a.shape[:-1] + b.shape[-1:], dtype=np.longdouble)
+    if reduction == 0 or total.size == 0:
+        return total
+    bits = (52 - max(reduction - 1, 1).bit_length()) // 2
+    count = -(-72 // bits)  # enough slices for the 64-bit longdouble significand and then some
+
+    def slices(x, axis):
+        result = []
+        for _ in range(count):
+            _, exponent = np.frexp(np.abs(x).max(axis=axis, keepdims=True))
+            unit = np.ldexp(np.longdouble(1), exponent - bits)
+            integers = np.rint(x / unit)
+            result.append((torch.from_numpy(integers.astype(np.float64)), unit))
+            x = x - integers * unit
+        return result
+
+    a_slices, b_slices = slices(a, -1), slices(b, -2)
+    for i, (a_int, a_unit) in enumerate(a_slices):
+        for b_int, b_unit in b_slices[:count - i]:
+            total += torch.matmul(a_int, b_int).numpy().astype(np.longdouble) * a_unit * b_unit
+    return total
+
+
+def attention_ref_extended(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: Optional[torch.Tensor] = None,
+                           *, causal: bool = False, window=None, scale: Optional[float] = None,
+                           key_padding_mask: Optional[torch.Tensor] = None):
+    """The oracle for float64 inputs: ``out``, ``lse`` and, given `dout`, ``(dq, dk, dv)`` of
+    the same function as ``attention_ref``, computed in ``numpy.longdouble`` (matmuls by
+    ``_extended_matmul``) and rounded to float64 on q's device. Gradients follow the exact
+    formulas ``dS = P * (dout v^T - rowsum(dout * out))``, ``dq = scale dS k``,
+    ``dk = scale dS^T q``, ``dv = P^T dout`` (summed over each GQA group). Rows that see no key
+    get ``out = 0``, ``lse = -inf`` and zero gradients.
+    """
+    import numpy as np
+    left, right = masks.normalise_window(window, causal)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    heads_kv, group = k.shape[1], q.shape[1] // k.shape[1]
+    visible = masks.materialize(q.shape[2], k.shape[2], (left, right), key_padding_mask=key_padding_mask,
+                                device="cpu").numpy()
+
+    def extended(t):
+        return t.detach().to("cpu", torch.float64).numpy().astype(np.longdouble)
+
+    q_x, k_x, v_x = extended(q), extended(k), extended(v)
+    k_x, v_x = (np.repeat(t, group, axis=1) for t in (k_x, v_x))
+    scores = np.where(visible, _extended_matmul(q_x, np.swapaxes(k_x, -1, -2)) * np.longdouble(scale), -np.inf)
+    row_max = scores.max(axis=-1, keepdims=True, initial=-np.inf)
+    seen = np.isfinite(row_max)
+    exps = np.where(visible & seen, np.exp(scores - np.where(seen, row_max, 0)), 0)
+    sums = exps.sum(axis=-1, keepdims=True)
+    probs = exps / np.where(seen, sums, 1)
+    lse = np.where(seen, row_max + np.log(np.where(seen, sums, 1)), -np.inf)[..., 0]
+    out = _extended_matmul(probs, v_x)
+
+    def back(x):
+        return torch.from_numpy(x.astype(np.float64)).to(q.device)
+
+    if dout is None:
+        return back(out), back(lse)
+    dout_x = extended(dout)
+    delta = (dout_x * out).sum(axis=-1, keepdims=True)
+    dscores = probs * (_extended_matmul(dout_x, np.swapaxes(v_x, -1, -2)) - delta)
+    dq = _extended_matmul(dscores, k_x) * np.longdouble(scale)
+    dk = _extended_matmul(np.swapaxes(dscores, -1, -2), q_x) * np.longdouble(scale)
+    dv = _extended_matmul(np.swapaxes(probs, -1, -2), dout_x)
+
+    def group_sum(x):
+        return x.reshape(x.shape[0], heads_kv, group, *x.shape[2:]).sum(axis=2)
+
+    return back(out), back(lse), (back(dq), back(group_sum(dk)), back(group_sum(dv)))
 
 
 def make_qkv(batch: int, heads_q: int, heads_kv: int, seqlen_q: int, seqlen_k: int, head_dim: int,

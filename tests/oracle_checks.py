@@ -6,13 +6,14 @@ Shared by the CPU, Triton and CUDA kernel tests so every backend is held to the 
 import torch
 
 import fastattn
-from fastattn.testing import (GRAD_FACTOR, OUTPUT_FACTOR, assert_close_to_oracle, attention_ref, attention_ref_grads,
-                              make_qkv)
+from fastattn.testing import (GRAD_FACTOR, OUTPUT_FACTOR, assert_close_to_oracle, attention_ref, attention_ref_extended,
+                              attention_ref_grads, extended_precision_available, make_qkv)
 
 
 def check_against_oracle(q, k, v, *, backend, causal=False, window=None, scale=None, key_padding_mask=None,
                          dout=None, grads=True):
-    """Checks out, lse and (if `grads`) dq, dk, dv of `backend` against the float64 oracle.
+    """Checks out, lse and (if `grads`) dq, dk, dv of `backend` against the oracle (float64, or
+    extended precision for float64 inputs).
 
     q, k, v may be any views (their layout is what the kernel sees); `dout` defaults to a random
     tensor shaped like the output. Returns (out, lse, grads) of the kernel.
@@ -23,8 +24,15 @@ def check_against_oracle(q, k, v, *, backend, causal=False, window=None, scale=N
     inputs = [leaf.view_as(leaf) if grads else leaf for leaf in leaves]
     out, lse = fastattn.attention(*inputs, return_lse=True, backend=backend, **kwargs)
 
-    oracle_leaves = [t.detach().double().requires_grad_(grads) for t in (q, k, v)]
-    oracle_out, oracle_lse = attention_ref(*oracle_leaves, upcast=True, **kwargs)
+    if dout is None:
+        dout = torch.randn(out.shape, dtype=out.dtype, device=out.device)
+    # float64 kernels need an oracle more precise than float64 (fastattn.testing's docstring).
+    extended = q.dtype == torch.float64 and extended_precision_available()
+    if extended:
+        oracle_out, oracle_lse, *oracle_grads = attention_ref_extended(q, k, v, dout if grads else None, **kwargs)
+    else:
+        oracle_leaves = [t.detach().double().requires_grad_(grads) for t in (q, k, v)]
+        oracle_out, oracle_lse = attention_ref(*oracle_leaves, upcast=True, **kwargs)
     base_out, base_lse = attention_ref(q.detach(), k.detach(), v.detach(), upcast=False, reorder_ops=True, **kwargs)
 
     assert out.dtype == q.dtype and out.shape == oracle_out.shape
@@ -35,12 +43,13 @@ def check_against_oracle(q, k, v, *, backend, causal=False, window=None, scale=N
     if not grads:
         return out, lse, None
 
-    if dout is None:
-        dout = torch.randn(out.shape, dtype=out.dtype, device=out.device)
     kernel_grads = torch.autograd.grad(out, leaves, dout)
-    # The oracle's gradients by autograd through its float64 dense math; the yardstick's by the
+    # The float64 oracle's gradients by autograd through its dense math; the yardstick's by the
     # fused kernels' formulas in the input dtype.
-    oracle_grads = torch.autograd.grad(oracle_out, oracle_leaves, dout.double())
+    if extended:
+        (oracle_grads,) = oracle_grads
+    else:
+        oracle_grads = torch.autograd.grad(oracle_out, oracle_leaves, dout.double())
     base_grads = attention_ref_grads(q.detach(), k.detach(), v.detach(), dout, upcast=False, **kwargs)
     magnitude = max(g.abs().max().item() if g.numel() else 0.0 for g in oracle_grads)
     for name, actual, oracle, base in zip(("dq", "dk", "dv"), kernel_grads, oracle_grads, base_grads):

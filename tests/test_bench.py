@@ -269,3 +269,23 @@ def test_must_show_checks_use_the_fastest_sdpa_and_report_missing_peers():
     bent = [row("fastattn[auto]", 0.5 * (n / 1024) ** 2, "window(256,256)", n) for n in (1024, 4096, 16384)]
     assert must_show.check_scaling(line)[0][3] is True
     assert must_show.check_scaling([dataclasses.replace(r, dtype="bf16") for r in bent])[0][3] is False
+
+
+def test_ceiling_times_torch_mm_and_reports_attention_as_a_fraction_of_it():
+    from fastattn.bench.ceiling import MatmulRate, attention_shapes, ceiling_table, matmul_rates
+    shapes = attention_shapes(256, 64, square=128)
+    assert [s for s, _ in shapes] == [(256, 256, 64), (256, 64, 256), (128, 128, 128)]
+    rates = matmul_rates(shapes[:1], ["fp32"], repeats=2, warmup=1)
+    assert len(rates) == 1 and rates[0].dtype == "fp32" and rates[0].gflops > 0
+
+    must_show = _load_must_show()
+    shape = dict(batch=1, heads=8, heads_kv=8, head_dim=64, case="full", seqlen=must_show.CEILING_SEQLEN,
+                 mode="fwd", status="ok", ratio_to="fastattn[auto]")
+    results = [Result(dtype="fp32", contestant="fastattn[auto]", ms=100.0, tflops=0.3, **shape),
+               Result(dtype="fp32", contestant="sdpa-flash", ms=120.0, tflops=0.25, **shape),
+               Result(dtype="fp32", contestant="sdpa-math", ms=900.0, tflops=0.03, **shape)]
+    attention = must_show.attention_rates(results)
+    assert [(label.split(",")[0], round(g)) for _, label, g in attention] == [("fastattn[auto]", 300), ("sdpa-flash", 250)]
+    table = ceiling_table([MatmulRate("fp32", (8, 8, 8), "square", 400.0), MatmulRate("fp32", (8, 8, 4), "x", 200.0)],
+                          attention)
+    assert "| 75% |" in table and "| 62% |" in table and "| 50% |" in table

@@ -48,6 +48,7 @@ class CppBackend(Backend):
         info = super().describe()
         if not self.availability_reasons():
             from .. import _C
-            info["build"] = {"cpu_simd": _C.cpu_capability, "openmp": bool(_C.openmp),
+            info["build"] = {"cpu_simd": _C.cpu_capability, "cpu_bf16_products": _C.cpu_bf16_products,
+                             "openmp": bool(_C.openmp),
                              "cuda_compiled": bool(_C.with_cuda)}
         return info
