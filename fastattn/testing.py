@@ -33,8 +33,8 @@ import torch
 from . import masks
 from .backends.reference import dense_attention, dense_attention_backward
 
-__all__ = ["attention_ref", "attention_ref_extended", "extended_precision_available", "make_qkv", "random_padding_mask", "error_floor", "assert_close_to_oracle",
-           "attention_ref_grads",
+__all__ = ["attention_ref", "attention_ref_grads", "attention_ref_extended", "extended_precision_available",
+           "make_qkv", "random_padding_mask", "error_floor", "assert_close_to_oracle",
            "OUTPUT_FACTOR", "GRAD_FACTOR"]
 
 OUTPUT_FACTOR = 2.0
