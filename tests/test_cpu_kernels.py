@@ -62,6 +62,20 @@ def test_key_padding(seqlens, window, dtype):
     check_against_oracle(q, k, v, backend=BACKEND, key_padding_mask=padding, **window_kwargs(window, seqlen_k))
 
 
+@pytest.mark.parametrize("seqlens", [(320, 320), (150, 150), (300, 450), (450, 300)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("window", ["full", "causal", (3, 7), (70, 0)], ids=str)
+@pytest.mark.parametrize("padded", [False, True], ids=["", "padded"])
+def test_query_groups(seqlens, window, padded):
+    """Enough (batch, head) pairs that the forward walks its query blocks in groups: of 4 (320,
+    300 and 450 rows; the last group of 320 and 300 is a single block) or of 2 (150 rows), so that
+    the members of a group meet key blocks that reach only some of their rows, or none
+    (QueryGroups, csrc/cpu/attention_tiles.h); GQA and padding on top."""
+    seqlen_q, seqlen_k = seqlens
+    q, k, v = make_qkv(2, 16, 4, seqlen_q, seqlen_k, 32, seed=seqlen_q + seqlen_k)
+    padding = random_padding_mask(2, seqlen_k, fraction=0.3, seed=seqlen_k) if padded else None
+    check_against_oracle(q, k, v, backend=BACKEND, key_padding_mask=padding, **window_kwargs(window, seqlen_k))
+
+
 @pytest.mark.parametrize("case", FULLY_MASKED_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_fully_masked_rows(case, dtype):

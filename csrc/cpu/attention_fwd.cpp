@@ -5,9 +5,10 @@
 // key padding and Nq != Nk (bottom-right aligned), fp32 / fp64 / bf16 / fp16 inputs (fp32
 // accumulation, fp64 for fp64), head dims 1..256, any strides with a contiguous last dim.
 //
-// Algorithm: OpenMP over (batch, query head, block of 64 queries). Each block walks only the key
-// blocks its window can reach (cost ~ N * window, not N^2) with an online softmax in the exp2
-// domain. Per key block: S^T = k q^T (micro-kernel; k read in place, q^T packed once per query
+// Algorithm: OpenMP over (batch, query head, group of up to 4 blocks of 64 queries). Each group
+// walks only the key blocks its window can reach (cost ~ N * window, not N^2), and each of its
+// query blocks only those its own rows reach, with an online softmax in the exp2 domain. Per key
+// block and query block: S^T = k q^T (micro-kernel; k read in place, q^T packed once per query
 // block), the mask on straddling or padded blocks only, running max m and sum l per query as
 // whole vectors, then acc = diag(alpha) acc + P v with the rescale fused into the product. The
 // N x N score matrix is never stored; memory is O(N * D).
@@ -43,22 +44,7 @@ void attention_forward_kernel(const AttentionParams& p) {
   const int64_t Dv = p.head_dim_v;
   const int64_t Dv_pad = round_up(Dv, L);
   const Vec scale_log2(static_cast<acc_t>(p.scale) * kLog2e);
-
-  struct Workspace {
-    std::vector<acc_t> q_t, k, v, scores_t, acc, row_max, row_sum, rescale;
-  };
-  auto make_workspace = [&] {
-    Workspace w;
-    w.q_t.resize(D * BM);
-    w.k.resize(BN * D);
-    w.v.assign(BN * Dv_pad, acc_t(0));  // padding columns stay zero
-    w.scores_t.resize(BN * BM);  // zeroed: columns past a block's rows stay finite
-    w.acc.resize(BM * Dv_pad);
-    w.row_max.resize(BM);
-    w.row_sum.resize(BM);
-    w.rescale.resize(BM);
-    return w;
-  };
+  const QueryGroups groups(p);
 
   const auto* q_base = static_cast<const scalar_t*>(p.q);
   const auto* k_base = static_cast<const scalar_t*>(p.k);
@@ -66,44 +52,73 @@ void attention_forward_kernel(const AttentionParams& p) {
   auto* out_base = static_cast<scalar_t*>(p.out);
   auto* lse_base = static_cast<acc_t*>(p.lse);
 
-  parallel_over_blocks(QueryBlock::count(p), make_workspace, [&](int64_t item, Workspace& w) {
-    const QueryBlock block(p, item);
-    const int64_t batch = block.batch, head = block.head, kv_head = block.kv_head;
-    const int64_t row0 = block.row0, rows = block.rows;
-    const int64_t row_width = round_up(rows, L);  // query columns computed, whole vectors
+  // The running state of each query block of a group (q^T, the output accumulator, m and l per
+  // query); the key block's operands and the score tile are shared, one query block at a time.
+  struct Workspace {
+    std::vector<acc_t> q_t, acc, row_max, row_sum, k, v, scores_t, rescale;
+  };
+  auto make_workspace = [&] {
+    Workspace w;
+    w.q_t.resize(kMaxGroupBlocks * D * BM);
+    w.acc.resize(kMaxGroupBlocks * BM * Dv_pad);
+    w.row_max.resize(kMaxGroupBlocks * BM);
+    w.row_sum.resize(kMaxGroupBlocks * BM);
+    w.k.resize(BN * D);
+    w.v.assign(BN * Dv_pad, acc_t(0));  // padding columns stay zero
+    w.scores_t.resize(BN * BM);
+    w.rescale.resize(BM);
+    return w;
+  };
 
-    pack_rows_transposed(q_base + p.q_strides.offset(batch, head, row0), p.q_strides.row, rows, BM, D, w.q_t.data(), BM);
+  parallel_over_blocks(groups.count(), make_workspace, [&](int64_t item, Workspace& w) {
+    const QueryGroup group = groups.group(p, item);
+    const int64_t batch = group.blocks[0].batch, head = group.blocks[0].head, kv_head = group.blocks[0].kv_head;
+    for (int64_t g = 0; g < group.size; ++g) {
+      const QueryBlock& block = group.blocks[g];
+      // Columns past the block's rows are zero: those queries score 0 (finite) and are never written.
+      pack_rows_transposed(q_base + p.q_strides.offset(batch, head, block.row0), p.q_strides.row, block.rows, BM,
+                           D, w.q_t.data() + g * D * BM, BM);
+    }
     std::fill(w.row_max.begin(), w.row_max.end(), kNegInf);
     std::fill(w.row_sum.begin(), w.row_sum.end(), acc_t(0));
     std::fill(w.acc.begin(), w.acc.end(), acc_t(0));
 
-    for (int64_t key0 = block.key_begin; key0 < block.key_end; key0 += BN) {
-      const int64_t keys = std::min(BN, block.key_end - key0);
+    for (int64_t key0 = group.key_begin; key0 < group.key_end; key0 += BN) {
+      const int64_t keys = std::min(BN, group.key_end - key0);
       if (all_keys_padded(p, batch, key0, keys)) continue;
       int64_t k_ld, v_ld;
       const acc_t* k = rows_operand(k_base + p.k_strides.offset(batch, kv_head, key0), p.k_strides.row, keys, D,
                                     /*b_operand=*/false, w.k.data(), D, &k_ld);
       const acc_t* v = rows_operand(v_base + p.v_strides.offset(batch, kv_head, key0), p.v_strides.row, keys, Dv,
                                     /*b_operand=*/true, w.v.data(), Dv_pad, &v_ld);
-      acc_t* s_t = w.scores_t.data();
-      gemm<acc_t, Accumulate::kOverwrite>(keys, row_width, D, k, k_ld, 1, w.q_t.data(), BM, s_t, BM);
-      mask_scores(p, batch, key0, keys, row0, rows, BM, s_t);
-
-      online_softmax_step(s_t, keys, scale_log2, w.row_max.data(), w.row_sum.data(), w.rescale.data());
-      // acc = diag(rescale) acc + P v, with P[i][j] = S^T[j][i] read through strides.
-      gemm<acc_t, Accumulate::kScaleRows>(rows, Dv_pad, keys, s_t, 1, BM, v, v_ld, w.acc.data(), Dv_pad,
-                                          w.rescale.data());
+      for (int64_t g = 0; g < group.size; ++g) {
+        const QueryBlock& block = group.blocks[g];
+        if (!block.reaches(key0, keys)) continue;
+        const int64_t row_width = round_up(block.rows, L);  // query columns computed, whole vectors
+        acc_t* s_t = w.scores_t.data();
+        acc_t* acc = w.acc.data() + g * BM * Dv_pad;
+        gemm<acc_t, Accumulate::kOverwrite>(keys, row_width, D, k, k_ld, 1, w.q_t.data() + g * D * BM, BM, s_t, BM);
+        mask_scores(p, batch, key0, keys, block.row0, block.rows, BM, s_t);
+        online_softmax_step(s_t, keys, scale_log2, w.row_max.data() + g * BM, w.row_sum.data() + g * BM,
+                            w.rescale.data());
+        // acc = diag(rescale) acc + P v, with P[i][j] = S^T[j][i] read through strides.
+        gemm<acc_t, Accumulate::kScaleRows>(block.rows, Dv_pad, keys, s_t, 1, BM, v, v_ld, acc, Dv_pad,
+                                            w.rescale.data());
+      }
     }
 
     // out = acc / l; rows that saw no key get out = 0 and lse = -inf (never NaN).
-    for (int64_t i = 0; i < rows; ++i) {
-      acc_t* acc_row = w.acc.data() + i * Dv_pad;
-      const acc_t sum = w.row_sum[i];
-      const acc_t inverse = sum > 0 ? acc_t(1) / sum : acc_t(0);
-      for (int64_t d = 0; d < Dv_pad; d += L) (Vec::loadu(acc_row + d) * Vec(inverse)).store(acc_row + d);
-      at::vec::convert(acc_row, out_base + p.out_strides.offset(batch, head, row0 + i), Dv);
-      lse_base[(batch * p.heads_q + head) * p.seqlen_q + row0 + i] =
-          sum > 0 ? (w.row_max[i] + std::log2(sum)) * kLn2 : kNegInf;
+    for (int64_t g = 0; g < group.size; ++g) {
+      const QueryBlock& block = group.blocks[g];
+      for (int64_t i = 0; i < block.rows; ++i) {
+        acc_t* acc_row = w.acc.data() + (g * BM + i) * Dv_pad;
+        const acc_t sum = w.row_sum[g * BM + i];
+        const acc_t inverse = sum > 0 ? acc_t(1) / sum : acc_t(0);
+        for (int64_t d = 0; d < Dv_pad; d += L) (Vec::loadu(acc_row + d) * Vec(inverse)).store(acc_row + d);
+        at::vec::convert(acc_row, out_base + p.out_strides.offset(batch, head, block.row0 + i), Dv);
+        lse_base[block.batch_head(p) * p.seqlen_q + block.row0 + i] =
+            sum > 0 ? (w.row_max[g * BM + i] + std::log2(sum)) * kLn2 : kNegInf;
+      }
     }
   });
 }
