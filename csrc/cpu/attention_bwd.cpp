@@ -6,8 +6,9 @@
 // (P = 2^(scale * log2(e) * S - lse * log2(e))), never stored:
 //
 //   pre-pass: delta = rowsum(dout * out); q^T and dout^T packed once (O(N * D) memory)
-//   main pass, parallel over (batch, kv head, chunk of query rows); for every query block i of
-//   the chunk and every key block j its window reaches:
+//   main pass, parallel over (batch, kv head, chunk of query rows); the chunk's query blocks are
+//   taken up to 4 at a time, each key block j loaded once for them, and for every query block i
+//   of the group that key block j's window reaches:
 //     dq_i += dS_ij k_j,   dk_j += dS_ij^T q_i,   dv_j += P_ij^T dout_i
 //   with dS = P * (dP - delta), dP = dout v^T: five tile products per (i, j);
 //   reduction: dk, dv = the chunks' partial sums, added in chunk order.
@@ -74,9 +75,9 @@ struct QueryRows {
   acc_t* lse_log2_at(int64_t batch_head, int64_t row0) { return lse_log2.data() + batch_head * length + row0; }
 };
 
-// The buffers of one thread: packed rows of q, dout, k, v where the inputs cannot be used in
-// place, the S^T / P^T and dP^T / dS^T tiles, a query block's dq accumulator, and one tile's
-// product before it is added to an accumulator.
+// The buffers of one thread: packed rows of q, dout (per query block of a group), k, v where the
+// inputs cannot be used in place, the S^T / P^T and dP^T / dS^T tiles, the group's dq
+// accumulators, and one tile's product before it is added to an accumulator.
 template <typename acc_t>
 struct Workspace {
   int64_t d_pad, dv_pad;
@@ -84,9 +85,10 @@ struct Workspace {
 
   Workspace(int64_t D, int64_t Dv)
       : d_pad(round_up(D, Vectorized<acc_t>::size())), dv_pad(round_up(Dv, Vectorized<acc_t>::size())),
-        q(kBlockQueries * d_pad, acc_t(0)), dout(kBlockQueries * dv_pad, acc_t(0)),
+        q(kMaxGroupBlocks * kBlockQueries * d_pad, acc_t(0)), dout(kMaxGroupBlocks * kBlockQueries * dv_pad, acc_t(0)),
         k(kBlockKeys * d_pad, acc_t(0)), v(kBlockKeys * dv_pad, acc_t(0)),
-        probs_t(kBlockKeys * kBlockQueries), dscores_t(kBlockKeys * kBlockQueries), dq(kBlockQueries * d_pad),
+        probs_t(kBlockKeys * kBlockQueries), dscores_t(kBlockKeys * kBlockQueries),
+        dq(kMaxGroupBlocks * kBlockQueries * d_pad),
         tile_grad(std::max(kBlockKeys, kBlockQueries) * std::max(d_pad, dv_pad)) {}
 };
 
@@ -295,17 +297,29 @@ void attention_backward_kernel(const AttentionParams& p) {
     acc_t* dv_chunk = partials.dv_rows(kv_batch_head, chunk);
     for (int64_t head = kv_head * p.kv_group(); head < (kv_head + 1) * p.kv_group(); ++head) {
       const int64_t batch_head = batch * p.heads_q + head;
-      for (int64_t row0 = row_begin; row0 < row_end; row0 += BM) {
-        const int64_t rows = std::min(BM, row_end - row0);
-        int64_t dout_ld, q_ld;
-        const acc_t* dout = rows_operand(dout_base + p.dout_strides.offset(batch, head, row0), p.dout_strides.row,
-                                         rows, Dv, /*b_operand=*/true, w.dout.data(), Dv_pad, &dout_ld);
-        const acc_t* q = rows_operand(q_base + p.q_strides.offset(batch, head, row0), p.q_strides.row, rows, D,
-                                      /*b_operand=*/true, w.q.data(), D_pad, &q_ld);
+      // Up to kMaxGroupBlocks query blocks at a time share each key block, so that its k and v rows
+      // and its dk/dv partial rows are read once per group, not once per query block (as in the
+      // forward's QueryGroups). Every accumulator still sums its tiles in the same order (dq over
+      // key blocks, the chunk's dk/dv over query blocks), so the results do not depend on it.
+      for (int64_t group0 = row_begin; group0 < row_end; group0 += kMaxGroupBlocks * BM) {
+        const int64_t members = std::min(kMaxGroupBlocks, ceil_div(row_end - group0, BM));
+        const acc_t* q[kMaxGroupBlocks];
+        const acc_t* dout[kMaxGroupBlocks];
+        int64_t q_ld[kMaxGroupBlocks], dout_ld[kMaxGroupBlocks];
+        int64_t first_key[kMaxGroupBlocks], end_key[kMaxGroupBlocks];
+        for (int64_t g = 0; g < members; ++g) {
+          const int64_t row0 = group0 + g * BM, rows = std::min(BM, row_end - row0);
+          dout[g] = rows_operand(dout_base + p.dout_strides.offset(batch, head, row0), p.dout_strides.row, rows, Dv,
+                                 /*b_operand=*/true, w.dout.data() + g * BM * Dv_pad, Dv_pad, &dout_ld[g]);
+          q[g] = rows_operand(q_base + p.q_strides.offset(batch, head, row0), p.q_strides.row, rows, D,
+                              /*b_operand=*/true, w.q.data() + g * BM * D_pad, D_pad, &q_ld[g]);
+          // Whole key blocks, so that each lands on the same rows of the partial buffers.
+          first_key[g] = p.first_visible_key(row0) / BN * BN;
+          end_key[g] = p.end_visible_key(row0 + rows - 1);
+        }
         std::fill(w.dq.begin(), w.dq.end(), acc_t(0));
-        // Whole key blocks, so that each lands on the same rows of the partial buffers.
-        const int64_t key_end = p.end_visible_key(row0 + rows - 1);
-        for (int64_t key0 = p.first_visible_key(row0) / BN * BN; key0 < key_end; key0 += BN) {
+        const int64_t group_key_end = *std::max_element(end_key, end_key + members);
+        for (int64_t key0 = *std::min_element(first_key, first_key + members); key0 < group_key_end; key0 += BN) {
           const int64_t keys = std::min(BN, p.seqlen_k - key0);
           if (all_keys_padded(p, batch, key0, keys)) continue;
           int64_t k_ld, v_ld;
@@ -314,18 +328,26 @@ void attention_backward_kernel(const AttentionParams& p) {
                                         /*b_operand=*/true, w.k.data(), D_pad, &k_ld);
           const acc_t* v = rows_operand(v_base + p.v_strides.offset(batch, kv_head, key0), p.v_strides.row, keys, Dv,
                                         /*b_operand=*/false, w.v.data(), Dv_pad, &v_ld);
-          probabilities_and_dscores(p, batch, key0, keys, k, k_ld, v, v_ld, query_rows, batch_head, row0, rows,
-                                    scale_log2, w);
-          // dv += P^T dout and dk += dS^T q (rows of the transposed tiles as A); dq += dS k, with
-          // dS[i][j] = dS^T[j][i] read through strides.
-          add_product(keys, Dv_pad, rows, w.probs_t.data(), BM, 1, dout, dout_ld, dv_chunk + key0 * Dv_pad,
-                      w.tile_grad.data());
-          add_product(keys, D_pad, rows, w.dscores_t.data(), BM, 1, q, q_ld, dk_chunk + key0 * D_pad,
-                      w.tile_grad.data());
-          add_product(rows, D_pad, keys, w.dscores_t.data(), 1, BM, k, k_ld, w.dq.data(), w.tile_grad.data());
+          for (int64_t g = 0; g < members; ++g) {
+            if (key0 < first_key[g] || key0 >= end_key[g]) continue;
+            const int64_t row0 = group0 + g * BM, rows = std::min(BM, row_end - row0);
+            acc_t* dq = w.dq.data() + g * BM * D_pad;
+            probabilities_and_dscores(p, batch, key0, keys, k, k_ld, v, v_ld, query_rows, batch_head, row0, rows,
+                                      scale_log2, w);
+            // dv += P^T dout and dk += dS^T q (rows of the transposed tiles as A); dq += dS k, with
+            // dS[i][j] = dS^T[j][i] read through strides.
+            add_product(keys, Dv_pad, rows, w.probs_t.data(), BM, 1, dout[g], dout_ld[g], dv_chunk + key0 * Dv_pad,
+                        w.tile_grad.data());
+            add_product(keys, D_pad, rows, w.dscores_t.data(), BM, 1, q[g], q_ld[g], dk_chunk + key0 * D_pad,
+                        w.tile_grad.data());
+            add_product(rows, D_pad, keys, w.dscores_t.data(), 1, BM, k, k_ld, dq, w.tile_grad.data());
+          }
         }
-        unpack_rows(w.dq.data(), D_pad, rows, D, scale, dq_base + p.dq_strides.offset(batch, head, row0),
-                    p.dq_strides.row);
+        for (int64_t g = 0; g < members; ++g) {
+          const int64_t row0 = group0 + g * BM, rows = std::min(BM, row_end - row0);
+          unpack_rows(w.dq.data() + g * BM * D_pad, D_pad, rows, D, scale,
+                      dq_base + p.dq_strides.offset(batch, head, row0), p.dq_strides.row);
+        }
       }
     }
   });
