@@ -38,7 +38,7 @@ import math
 import os
 import sys
 from collections import OrderedDict
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from fastattn.bench import main as bench_main
 from fastattn.bench.ceiling import MatmulRate, attention_shapes, ceiling_table, matmul_rates
@@ -154,6 +154,13 @@ def measure_ceiling(out_dir: str, recheck: bool, ratio_results: Sequence[Result]
     return ceiling_table(rates, attention_rates(ratio_results))
 
 
+def read_results(path: str) -> Tuple[List[Result], dict]:
+    """The results and the metadata of a sweep's bench.json."""
+    with open(path) as f:
+        recorded = json.load(f)
+    return [Result(**r) for r in recorded["results"]], recorded["meta"]
+
+
 def format_checks(checks: Sequence[tuple]) -> str:
     verdict = {True: "PASS", False: "FAIL", None: "n/a"}
     lines = ["| criterion | setting | measured | result |", "| --- | --- | --- | --- |"]
@@ -178,8 +185,7 @@ def main(argv=None) -> int:
     for sweep in args.only:
         if sweep == "ceiling":
             if not ratio_results and os.path.exists(os.path.join(args.out, "ratios", "bench.json")):
-                with open(os.path.join(args.out, "ratios", "bench.json")) as f:
-                    ratio_results = [Result(**r) for r in json.load(f)["results"]]
+                ratio_results, _ = read_results(os.path.join(args.out, "ratios", "bench.json"))
             print("== ceiling: torch.mm at the attention's shapes", flush=True)
             table = measure_ceiling(args.out, args.recheck, ratio_results, int(args.repeats))
             report.append(f"## ceiling\n\n{table}\n")
@@ -187,10 +193,8 @@ def main(argv=None) -> int:
         bench_argv = SWEEPS[sweep] + ["--repeats", args.repeats, "--warmup", args.warmup,
                                       "--out", os.path.join(args.out, sweep)]
         if args.recheck:
-            with open(os.path.join(args.out, sweep, "bench.json")) as f:
-                recorded = json.load(f)
-            results = [Result(**r) for r in recorded["results"]]
-            bench_argv = recorded["meta"]["command"].split()[3:]
+            results, meta = read_results(os.path.join(args.out, sweep, "bench.json"))
+            bench_argv = meta["command"].split()[3:]
         else:
             print(f"== {sweep}: python -m fastattn.bench {' '.join(bench_argv)}", flush=True)
             results = bench_main(bench_argv)

@@ -289,3 +289,18 @@ def test_ceiling_times_torch_mm_and_reports_attention_as_a_fraction_of_it():
     table = ceiling_table([MatmulRate("fp32", (8, 8, 8), "square", 400.0), MatmulRate("fp32", (8, 8, 4), "x", 200.0)],
                           attention)
     assert "| 75% |" in table and "| 62% |" in table and "| 50% |" in table
+    # A dtype without a fast torch.mm: its rates keep their digits, attention is not a percentage.
+    slow = ceiling_table([MatmulRate("bf16", (8, 8, 8), "square", 0.49)], [("bf16", "fastattn", 101.0)])
+    assert "| 0.49 |" in slow and "206x (torch.mm has no fast path)" in slow
+
+
+def test_ceiling_stops_a_slow_shape_at_its_time_budget(monkeypatch):
+    from fastattn.bench import ceiling
+    calls = []
+    timed = ceiling.time_once
+    monkeypatch.setattr(ceiling, "time_once", lambda *a, **k: calls.append(1) or timed(*a, **k))
+    rates = ceiling.matmul_rates([((64, 64, 64), "tiny")], ["fp32"], repeats=5, warmup=3, budget_s=0.0)
+    assert len(calls) == 1 and rates[0].gflops > 0  # one timed call, however slow
+    calls.clear()
+    ceiling.matmul_rates([((64, 64, 64), "tiny")], ["fp32"], repeats=5, warmup=1, budget_s=60.0)
+    assert len(calls) == 5
