@@ -214,7 +214,7 @@ struct QueryBlock {
 // N = 8192 (4 MiB in fp32) do not fit in L2, so with one block per item they came from L3 for
 // every 64 queries: on a 2-core AMD EPYC the two tile products ran ~30% slower on key blocks
 // streamed from L3 than on cached ones (single-thread micro-benchmark), and the fp32 forward at
-// N = 8192 ran ~10% faster with groups of 4. The group's key blocks start at the first key any
+// N = 8192 ran 5-10% faster with groups of 4. The group's key blocks start at the first key any
 // of its queries sees; a block that reaches only some of a member's rows is masked as usual.
 constexpr int64_t kMaxGroupBlocks = 4;
 
