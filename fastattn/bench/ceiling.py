@@ -45,7 +45,7 @@ def matmul_rates(shapes: Sequence[Tuple[Tuple[int, int, int], str]], dtypes: Seq
     2 m n k over the median of `repeats` calls after `warmup` untimed ones. A shape whose calls
     pass `budget_s` seconds in all stops early (after at least one warm-up and one timed call):
     where a dtype has no fast path (bf16 on a CPU without AVX-512 BF16 or AMX runs torch.mm at
-    ~1 GFLOP/s, a minute per 2048^3 call) the rate is plain from one call."""
+    ~1 GFLOP/s, a minute per 2048^3 call) the rate then comes from a single call."""
     rates = []
     dev = torch.device(device)
     for dtype in dtypes:
