@@ -65,6 +65,8 @@ void attention_forward_kernel(const AttentionParams& p) {
     w.row_sum.resize(kMaxGroupBlocks * BM);
     w.k.resize(BN * D);
     w.v.assign(BN * Dv_pad, acc_t(0));  // padding columns stay zero
+    // Shared by a group's blocks: its columns past a block's rows hold finite values (scores of the
+    // zero q^T columns, or an earlier block's tile), which the softmax reads and nothing uses.
     w.scores_t.resize(BN * BM);
     w.rescale.resize(BM);
     return w;
