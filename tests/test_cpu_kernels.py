@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+import fastattn
+from fastattn import masks
 from fastattn.testing import make_qkv, random_padding_mask
 
 from oracle_checks import FULLY_MASKED_CASES, check_against_oracle, check_fully_masked_rows
@@ -74,6 +76,28 @@ def test_query_groups(seqlens, window, padded):
     q, k, v = make_qkv(2, 16, 4, seqlen_q, seqlen_k, 32, seed=seqlen_q + seqlen_k)
     padding = random_padding_mask(2, seqlen_k, fraction=0.3, seed=seqlen_k) if padded else None
     check_against_oracle(q, k, v, backend=BACKEND, key_padding_mask=padding, **window_kwargs(window, seqlen_k))
+
+
+@pytest.mark.parametrize("backend", [BACKEND, "reference"])
+@pytest.mark.parametrize("window", [None, (16, 16)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_nan_inputs_propagate(dtype, window, backend):
+    """A NaN in q reaches exactly its own output row, a NaN in k exactly the rows that see that
+    key, as with scaled_dot_product_attention: never turned into a finite answer (the kernels'
+    exp2 zeroes tiny and masked probabilities and must not zero NaN ones) nor spread further."""
+    q, k, v = make_qkv(1, 2, 2, 200, 200, 64, dtype=dtype, seed=7)
+    q[0, 1, 70, 5] = float("nan")
+    nan_rows = fastattn.attention(q, k, v, window=window, backend=backend).isnan().any(-1)
+    expected = torch.zeros(1, 2, 200, dtype=torch.bool)
+    expected[0, 1, 70] = True
+    assert torch.equal(nan_rows, expected)
+
+    q[0, 1, 70, 5] = 0.0
+    k[0, 0, 100, 3] = float("nan")
+    nan_rows = fastattn.attention(q, k, v, window=window, backend=backend).isnan().any(-1)
+    expected = torch.zeros(1, 2, 200, dtype=torch.bool)
+    expected[0, 0] = masks.materialize(200, 200, window)[:, 100]
+    assert torch.equal(nan_rows, expected)
 
 
 @pytest.mark.parametrize("case", FULLY_MASKED_CASES)

@@ -17,14 +17,15 @@ from .base import Backend
 
 def _probabilities(q, k, scale, visible, plain_math):
     """softmax(scale * q k^T) over the visible keys, and its log-sum-exp. Rows that see no key
-    get probabilities 0 and lse = -inf (exp(s - lse) alone would be NaN there)."""
+    get probabilities 0 and lse = -inf (exp(s - lse) alone would be NaN there); a row whose
+    scores hold a NaN (a NaN input) stays NaN, as in the kernels."""
     if plain_math:
         scores = torch.matmul(q * scale, k.transpose(-1, -2))
     else:
         scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
-    seen = (lse > float("-inf")).unsqueeze(-1)
+    seen = (lse != float("-inf")).unsqueeze(-1)
     if plain_math:
         probs = torch.softmax(torch.where(seen, scores, torch.zeros_like(scores)), dim=-1)
     else:
