@@ -132,36 +132,46 @@ inline void gemm(int64_t m, int64_t n, int64_t depth, const T* a, int64_t a_row_
   }
 }
 
-// 2^x for x <= 0 (softmax arguments); exactly 0 for x = -inf, NaN stays NaN. Range reduction
-// x = n + f, |f| <= 1/2, then 2^f by a degree-6 polynomial (near-minimax on [-1/2, 1/2]:
-// 2e-9 relative, 1.6 ulp after float rounding) and 2^n put into the exponent. Inlined, unlike
-// at::vec's exp2 (a Sleef call), and more accurate than its exp_u20.
+// 2^x for x <= 0 (softmax arguments); exactly 0 for x = -inf, NaN stays NaN. Inlined, unlike
+// at::vec's exp2 (a Sleef call), and more accurate than its exp_u20: 2^x = 2^n * 2^f with 2^f
+// by a degree-6 near-minimax polynomial, 1.4-1.6 ulp after float rounding.
 //
 // No result is subnormal: on Intel CPUs an instruction whose result is (or underflows through)
 // a subnormal takes a microcode assist costing ~100 normal ones, and every masked score (-inf)
 // would take one (measured on a Xeon with AMX: a bf16 (256, 256) window forward at N = 4096 ran
 // 17 ms with subnormal results, 12 ms with the CPU flushing them). 2^x below 2^-125, ~1e-38 of the
 // row's largest probability, is returned as 0.
+#if defined(CPU_CAPABILITY_AVX512)
+// 2^f on [0, 1), for n = floor(x): coefficients of 1, f, f^2, ...
+constexpr float kExp2Coefficients[7] = {1.0f, 0.6931470036506653f, 0.24022983014583588f, 0.055483341217041016f,
+                                        0.009678840637207031f, 0.0012439688434824347f, 0.00021702254889532924f};
+// Degree 4, 2.7e-6 relative: for probabilities that are rounded to bf16 (2^-9) before they are
+// multiplied, two FMAs fewer than kExp2Coefficients on the vector unit that the softmax saturates.
+constexpr float kExp2Bf16Coefficients[5] = {1.0000026226043701f, 0.6930038332939148f, 0.2414427548646927f,
+                                            0.052011460065841675f, 0.013534167781472206f};
+
+// VREDUCEPS gives f = x - floor(x) in one instruction and VSCALEFPS multiplies by 2^floor(x) by
+// itself, so the range reduction costs one instruction. Lanes below -125 are zeroed by the mask
+// (their computed values are never used); NaN is "not less than", so it stays NaN.
+template <size_t COEFFICIENTS>
+inline Vectorized<float> exp2_avx512(Vectorized<float> x, const float (&coefficients)[COEFFICIENTS]) {
+  const __mmask16 representable = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-125.0f), _CMP_NLT_UQ);
+  const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 poly = _mm512_set1_ps(coefficients[COEFFICIENTS - 1]);
+#pragma GCC unroll 8
+  for (int k = int(COEFFICIENTS) - 2; k >= 0; --k) poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(coefficients[k]));
+  return _mm512_maskz_scalef_ps(representable, poly, x);
+}
+
+inline Vectorized<float> exp2(Vectorized<float> x) { return exp2_avx512(x, kExp2Coefficients); }
+inline Vectorized<float> exp2_for_bf16(Vectorized<float> x) { return exp2_avx512(x, kExp2Bf16Coefficients); }
+#else
+// 2^f on [-1/2, 1/2], for n = round(x).
 constexpr float kExp2Coefficients[7] = {1.0000000005539997f,   0.6931472057293504f,
                                         0.2402264689119614f,   0.05550328793931532f,
                                         0.009618488964144162f, 0.001339992443631255f,
                                         0.00015345792616857086f};
 
-#if defined(CPU_CAPABILITY_AVX512)
-inline Vectorized<float> exp2(Vectorized<float> x) {
-  // Lanes below -125 compute 2^-125 (normal) and are then zeroed by the mask. max(-125, x) keeps
-  // NaN (the second operand wins on NaN), and so does the mask (NaN is "not less than").
-  const __m512 lowest = _mm512_set1_ps(-125.0f);
-  const __mmask16 representable = _mm512_cmp_ps_mask(x, lowest, _CMP_NLT_UQ);
-  const __m512 clamped = _mm512_max_ps(lowest, x);
-  const __m512 n = _mm512_roundscale_ps(clamped, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(clamped, n);
-  __m512 poly = _mm512_set1_ps(kExp2Coefficients[6]);
-#pragma GCC unroll 6
-  for (int k = 5; k >= 0; --k) poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(kExp2Coefficients[k]));
-  return _mm512_maskz_scalef_ps(representable, poly, n);
-}
-#else
 inline Vectorized<float> exp2(Vectorized<float> x) {
   using Vec = Vectorized<float>;
   x = at::vec::maximum(x, Vec(-127.0f));  // 2^n below is then +0.0 exactly (poly * 0, no subnormal)
