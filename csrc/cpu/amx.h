@@ -18,6 +18,8 @@
 
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <type_traits>
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(CPU_CAPABILITY_AVX512) && defined(__linux__)
 #define FASTATTN_HAS_AMX 1
@@ -120,6 +122,22 @@ inline __m512i interleave_bf16(__m512 even, __m512 odd) {
   return _mm512_permutexvar_epi16(order, (__m512i)_mm512_cvtne2ps_pbh(odd, even));
 }
 
+// dst[i][d] = bf16(src_t[d * ld + i] * row_scale[i]) for i < rows, d < cols (dst rows
+// dst_row_stride apart): out = (out^T)^T / l, 16 values of d per gather, converted and stored at once.
+inline void store_transposed_scaled(const float* src_t, int64_t ld, int64_t rows, int64_t cols, const float* row_scale,
+                                    BFloat16* dst, int64_t dst_row_stride) {
+  const __m512i d_offsets = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                               _mm512_set1_epi32(static_cast<int32_t>(ld)));
+  for (int64_t i = 0; i < rows; ++i) {
+    const __m512 scale = _mm512_set1_ps(row_scale[i]);
+    for (int64_t d0 = 0; d0 < cols; d0 += 16) {
+      const __mmask16 valid = static_cast<__mmask16>((1u << std::min<int64_t>(16, cols - d0)) - 1);
+      const __m512 values = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, d_offsets, src_t + d0 * ld + i, 4);
+      _mm256_mask_storeu_epi16(dst + i * dst_row_stride + d0, valid, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(values, scale)));
+    }
+  }
+}
+
 #else
 
 inline bool amx_bf16_available() { return false; }
@@ -133,9 +151,31 @@ template <typename src_t>
 inline void pack_transposed_vnni(const src_t* src, int64_t src_row_stride, int64_t rows, int64_t padded_rows,
                                  int64_t cols, int64_t padded_cols, BFloat16* dst, int64_t dst_ld) {
   for (int64_t pair = 0; 2 * pair < padded_cols; ++pair) std::memset(dst + pair * dst_ld, 0, 2 * padded_rows * sizeof(BFloat16));
+  int64_t vector_pairs = 0;  // column pairs already packed by 32-bit gathers
+#if defined(FASTATTN_HAS_AMX)
+  // bf16 sources: a column pair is one 32-bit unit, so 16 rows of it are one gather and one
+  // 64-byte store (the scalar loop below costs ~4 instructions per element, as much as the
+  // block's tile multiplies at short key ranges).
+  if constexpr (std::is_same_v<src_t, BFloat16>) {
+    if (src_row_stride <= std::numeric_limits<int32_t>::max() / 16) {
+      vector_pairs = cols / 2;
+      const __m512i row_offsets = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                                     _mm512_set1_epi32(static_cast<int32_t>(src_row_stride)));
+      for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+        const __mmask16 valid = static_cast<__mmask16>((1u << std::min<int64_t>(16, rows - r0)) - 1);
+        for (int64_t pair = 0; pair < vector_pairs; ++pair) {
+          // Offsets in bf16 elements, scale 2: each lane reads the pair (2 * pair, 2 * pair + 1) of its row.
+          const __m512i units = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, row_offsets,
+                                                            src + r0 * src_row_stride + 2 * pair, 2);
+          _mm512_mask_storeu_epi32(dst + pair * dst_ld + 2 * r0, valid, units);
+        }
+      }
+    }
+  }
+#endif
   for (int64_t r = 0; r < rows; ++r) {
     const src_t* row = src + r * src_row_stride;
-    for (int64_t c = 0; c < cols; ++c) dst[(c / 2) * dst_ld + 2 * r + c % 2] = static_cast<BFloat16>(row[c]);
+    for (int64_t c = 2 * vector_pairs; c < cols; ++c) dst[(c / 2) * dst_ld + 2 * r + c % 2] = static_cast<BFloat16>(row[c]);
   }
 }
 

@@ -246,11 +246,11 @@ void attention_forward_amx(const AttentionParams& p) {
     // out = (out^T)^T / l; rows that saw no key get out = 0 and lse = -inf (never NaN).
     for (int64_t i = 0; i < rows; ++i) {
       const float sum = w.row_sum[i];
-      const float inverse = sum > 0 ? 1.0f / sum : 0.0f;
-      BFloat16* out_row = out_base + p.out_strides.offset(block.batch, block.head, row0 + i);
-      for (int64_t d = 0; d < Dv; ++d) out_row[d] = static_cast<BFloat16>(w.out_t[d * BM + i] * inverse);
+      w.rescale[i] = sum > 0 ? 1.0f / sum : 0.0f;
       lse_base[block.batch_head(p) * p.seqlen_q + row0 + i] = sum > 0 ? (w.row_max[i] + std::log2(sum)) * kLn2 : kNegInf;
     }
+    store_transposed_scaled(w.out_t.data(), BM, rows, Dv, w.rescale.data(),
+                            out_base + p.out_strides.offset(block.batch, block.head, row0), p.out_strides.row);
   });
 }
 #endif  // FASTATTN_HAS_AMX
