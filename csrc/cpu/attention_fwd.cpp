@@ -186,21 +186,23 @@ void attention_forward_amx(const AttentionParams& p) {
   auto* out_base = static_cast<BFloat16*>(p.out);
   auto* lse_base = static_cast<float*>(p.lse);
 
-  std::vector<BFloat16> k_rows(p.batch * p.heads_kv * key_rows * D_pad, BFloat16(0.0f));
-  std::vector<BFloat16> v_t(p.batch * p.heads_kv * Dv_pad * key_rows, BFloat16(0.0f));
-  // Copies in chunks of keys, so that both threads work even with a single kv head.
+  // The copies are made for a few kv heads at a time, as many as fit in kPackedBudgetBytes: at
+  // long sequences, copies of every head at once (2 x 8 heads x 64k keys x 64 x 2 bytes = 134 MB)
+  // are past glibc's 32 MiB mmap threshold, so each call got fresh pages, zeroed by the kernel
+  // and page-faulted in, and they left the caches before their query blocks read them (the bf16
+  // forward's cost per token doubled from 16k to 64k keys).
+  constexpr int64_t kPackedBudgetBytes = 16 << 20;
+  const int64_t kv_heads_total = p.batch * p.heads_kv;
+  const int64_t head_elements = key_rows * (D_pad + Dv_pad);
+  const int64_t heads_per_pass =
+      std::clamp<int64_t>(kPackedBudgetBytes / (head_elements * int64_t(sizeof(BFloat16))), 1, kv_heads_total);
+  // Zeroed once: every pass writes the same [keys x head dim] part of each head's slot, so the
+  // padding rows and columns stay zero.
+  std::vector<BFloat16> k_rows(heads_per_pass * key_rows * D_pad, BFloat16(0.0f));
+  std::vector<BFloat16> v_t(heads_per_pass * Dv_pad * key_rows, BFloat16(0.0f));
   const int64_t key_chunks = ceil_div(p.seqlen_k, BN);
+  const int64_t items_per_kv_head = p.kv_group() * ceil_div(p.seqlen_q, BM);
   auto no_workspace = [] { return 0; };
-  parallel_over_blocks(p.batch * p.heads_kv * key_chunks, no_workspace, [&](int64_t item, int) {
-    const int64_t batch_head = item / key_chunks, key0 = (item % key_chunks) * BN;
-    const int64_t batch = batch_head / p.heads_kv, kv_head = batch_head % p.heads_kv;
-    const int64_t keys = std::min(BN, p.seqlen_k - key0);
-    pack_rows(k_base + p.k_strides.offset(batch, kv_head, key0), p.k_strides.row, keys, D,
-              k_rows.data() + (batch_head * key_rows + key0) * D_pad, D_pad);
-    transpose_rows(v_base + p.v_strides.offset(batch, kv_head, key0), p.v_strides.row, keys, Dv,
-                   v_t.data() + batch_head * Dv_pad * key_rows + key0, key_rows);
-  });
-
   struct Workspace {
     AmxTileScope tiles;
     std::vector<BFloat16> q_vnni, probs_vnni;
@@ -211,47 +213,63 @@ void attention_forward_amx(const AttentionParams& p) {
   };
   auto make_workspace = [&] { return Workspace(D_pad, Dv_pad); };
 
-  parallel_over_blocks(QueryBlock::count(p), make_workspace, [&](int64_t item, Workspace& w) {
-    const QueryBlock block(p, item);
-    const int64_t row0 = block.row0, rows = block.rows;
-    const int64_t kv_batch_head = block.batch * p.heads_kv + block.kv_head;
-    const BFloat16* k_head = k_rows.data() + kv_batch_head * key_rows * D_pad;
-    const BFloat16* v_t_head = v_t.data() + kv_batch_head * Dv_pad * key_rows;
+  for (int64_t first_head = 0; first_head < kv_heads_total; first_head += heads_per_pass) {
+    const int64_t pass_heads = std::min(heads_per_pass, kv_heads_total - first_head);
+    // Copies in chunks of keys, so that both threads work even with a single kv head.
+    parallel_over_blocks(pass_heads * key_chunks, no_workspace, [&](int64_t item, int) {
+      const int64_t slot = item / key_chunks, key0 = (item % key_chunks) * BN;
+      const int64_t batch = (first_head + slot) / p.heads_kv, kv_head = (first_head + slot) % p.heads_kv;
+      const int64_t keys = std::min(BN, p.seqlen_k - key0);
+      pack_rows(k_base + p.k_strides.offset(batch, kv_head, key0), p.k_strides.row, keys, D,
+                k_rows.data() + (slot * key_rows + key0) * D_pad, D_pad);
+      transpose_rows(v_base + p.v_strides.offset(batch, kv_head, key0), p.v_strides.row, keys, Dv,
+                     v_t.data() + slot * Dv_pad * key_rows + key0, key_rows);
+    });
 
-    pack_transposed_vnni(q_base + p.q_strides.offset(block.batch, block.head, row0), p.q_strides.row, rows, BM, D,
-                         D_pad, w.q_vnni.data(), 2 * BM);
-    std::fill(w.row_max.begin(), w.row_max.end(), kNegInf);
-    std::fill(w.row_sum.begin(), w.row_sum.end(), 0.0f);
-    std::fill(w.out_t.begin(), w.out_t.end(), 0.0f);
+    // The query blocks of these kv heads: items are batch-major over query heads, and query head
+    // h reads kv head h / kv_group, so they are one contiguous range.
+    parallel_over_blocks(pass_heads * items_per_kv_head, make_workspace, [&](int64_t pass_item, Workspace& w) {
+      const QueryBlock block(p, first_head * items_per_kv_head + pass_item);
+      const int64_t row0 = block.row0, rows = block.rows;
+      const int64_t slot = block.batch * p.heads_kv + block.kv_head - first_head;
+      const BFloat16* k_head = k_rows.data() + slot * key_rows * D_pad;
+      const BFloat16* v_t_head = v_t.data() + slot * Dv_pad * key_rows;
 
-    for (int64_t key0 = block.key_begin; key0 < block.key_end; key0 += BN) {
-      const int64_t keys = std::min(BN, block.key_end - key0);
-      if (all_keys_padded(p, block.batch, key0, keys)) continue;
-      // The last block of a range is cut to whole 32-key tiles, not computed and masked in full.
-      const int64_t tile_keys = round_up(keys, 32);
-      float* s_t = w.scores_t.data();
-      amx_gemm<false>(tile_keys, BM, D_pad, k_head + key0 * D_pad, D_pad, w.q_vnni.data(), 2 * BM, s_t, BM);
-      mask_scores(p, block.batch, key0, keys, row0, rows, BM, s_t);
-      online_softmax_step_vnni(s_t, keys, tile_keys, scale_log2, w.row_max.data(), w.row_sum.data(),
-                               w.rescale.data(), w.probs_vnni.data());
-      // out^T = out^T * rescale (per query column) + v^T P^T; rows of P^T past `keys` are zero.
-      for (int64_t d = 0; d < Dv_pad; ++d) {
-        float* row = w.out_t.data() + d * BM;
-        for (int64_t c = 0; c < BM; c += L) (Vec::loadu(row + c) * Vec::loadu(w.rescale.data() + c)).store(row + c);
+      pack_transposed_vnni(q_base + p.q_strides.offset(block.batch, block.head, row0), p.q_strides.row, rows, BM, D,
+                           D_pad, w.q_vnni.data(), 2 * BM);
+      std::fill(w.row_max.begin(), w.row_max.end(), kNegInf);
+      std::fill(w.row_sum.begin(), w.row_sum.end(), 0.0f);
+      std::fill(w.out_t.begin(), w.out_t.end(), 0.0f);
+
+      for (int64_t key0 = block.key_begin; key0 < block.key_end; key0 += BN) {
+        const int64_t keys = std::min(BN, block.key_end - key0);
+        if (all_keys_padded(p, block.batch, key0, keys)) continue;
+        // The last block of a range is cut to whole 32-key tiles, not computed and masked in full.
+        const int64_t tile_keys = round_up(keys, 32);
+        float* s_t = w.scores_t.data();
+        amx_gemm<false>(tile_keys, BM, D_pad, k_head + key0 * D_pad, D_pad, w.q_vnni.data(), 2 * BM, s_t, BM);
+        mask_scores(p, block.batch, key0, keys, row0, rows, BM, s_t);
+        online_softmax_step_vnni(s_t, keys, tile_keys, scale_log2, w.row_max.data(), w.row_sum.data(),
+                                 w.rescale.data(), w.probs_vnni.data());
+        // out^T = out^T * rescale (per query column) + v^T P^T; rows of P^T past `keys` are zero.
+        for (int64_t d = 0; d < Dv_pad; ++d) {
+          float* row = w.out_t.data() + d * BM;
+          for (int64_t c = 0; c < BM; c += L) (Vec::loadu(row + c) * Vec::loadu(w.rescale.data() + c)).store(row + c);
+        }
+        amx_gemm<true>(Dv_pad, BM, tile_keys, v_t_head + key0, key_rows, w.probs_vnni.data(), 2 * BM, w.out_t.data(),
+                       BM);
       }
-      amx_gemm<true>(Dv_pad, BM, tile_keys, v_t_head + key0, key_rows, w.probs_vnni.data(), 2 * BM, w.out_t.data(),
-                     BM);
-    }
 
-    // out = (out^T)^T / l; rows that saw no key get out = 0 and lse = -inf (never NaN).
-    for (int64_t i = 0; i < rows; ++i) {
-      const float sum = w.row_sum[i];
-      w.rescale[i] = sum > 0 ? 1.0f / sum : 0.0f;
-      lse_base[block.batch_head(p) * p.seqlen_q + row0 + i] = sum > 0 ? (w.row_max[i] + std::log2(sum)) * kLn2 : kNegInf;
-    }
-    store_transposed_scaled(w.out_t.data(), BM, rows, Dv, w.rescale.data(),
-                            out_base + p.out_strides.offset(block.batch, block.head, row0), p.out_strides.row);
-  });
+      // out = (out^T)^T / l; rows that saw no key get out = 0 and lse = -inf (never NaN).
+      for (int64_t i = 0; i < rows; ++i) {
+        const float sum = w.row_sum[i];
+        w.rescale[i] = sum > 0 ? 1.0f / sum : 0.0f;
+        lse_base[block.batch_head(p) * p.seqlen_q + row0 + i] = sum > 0 ? (w.row_max[i] + std::log2(sum)) * kLn2 : kNegInf;
+      }
+      store_transposed_scaled(w.out_t.data(), BM, rows, Dv, w.rescale.data(),
+                              out_base + p.out_strides.offset(block.batch, block.head, row0), p.out_strides.row);
+    });
+  }
 }
 #endif  // FASTATTN_HAS_AMX
 
