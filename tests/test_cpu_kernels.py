@@ -103,11 +103,12 @@ def test_nan_inputs_propagate(dtype, window, backend):
 
 @pytest.mark.parametrize("window", ["full", "causal"], ids=str)
 def test_long_keys_copied_in_passes(window):
-    """bf16 with 16.5k keys of head dim 256: one kv head's copies exceed the AMX forward's 16 MiB
-    budget, so it copies and attends one kv head per pass (6 passes here, across both batches
-    and GQA groups); other CPUs run the same function without passes."""
+    """bf16 with 16.5k keys of head dim 256: one kv head's copies exceed the AMX kernels' 16 MiB
+    budget (kv_heads_per_pass), so forward and backward copy and attend one kv head per pass
+    (6 passes here, across both batches and GQA groups); other CPUs run the same test without
+    passes."""
     q, k, v = make_qkv(2, 6, 3, 17, 16500, 256, dtype=torch.bfloat16, seed=12)
-    check_against_oracle(q, k, v, backend=BACKEND, grads=False, **window_kwargs(window, 16500))
+    check_against_oracle(q, k, v, backend=BACKEND, **window_kwargs(window, 16500))
 
 
 @pytest.mark.parametrize("case", FULLY_MASKED_CASES)

@@ -432,41 +432,22 @@ void attention_backward_amx(const AttentionParams& p) {
   const auto* dout_base = static_cast<const BFloat16*>(p.dout);
   auto* dq_base = static_cast<BFloat16*>(p.dq);
 
-  // Per query block: the four B panels, delta and lse * log2(e).
-  const int64_t batch_heads = p.batch * p.heads_q;
-  AmxQueryPanels panels(batch_heads, query_blocks, D_pad, Dv_pad);
-  std::vector<float> delta(batch_heads * Nq_pad, 0.0f);
-  std::vector<float> lse_log2(batch_heads * Nq_pad, std::numeric_limits<float>::infinity());
+  // Per pass of kv heads (kv_heads_per_pass): the four B panels, delta and lse * log2(e) of their
+  // query heads' blocks, and the zero-padded k and v rows and k^T of the kv heads, copied a block
+  // of keys at a time. Every pass writes the same parts of each slot, so the padding stays zero.
+  const int64_t kv_heads = p.batch * p.heads_kv, group = p.kv_group();
+  const int64_t items_per_kv_head = group * query_blocks;
+  const int64_t bytes_per_kv_head =
+      int64_t(sizeof(BFloat16)) * (group * Nq_pad * 2 * (D_pad + Dv_pad) + key_rows * (2 * D_pad + Dv_pad)) +
+      int64_t(sizeof(float)) * group * Nq_pad * 2;
+  const int64_t heads_per_pass = kv_heads_per_pass(p, bytes_per_kv_head);
+  AmxQueryPanels panels(heads_per_pass * group, query_blocks, D_pad, Dv_pad);
+  std::vector<float> delta(heads_per_pass * group * Nq_pad, 0.0f);
+  std::vector<float> lse_log2(heads_per_pass * group * Nq_pad, std::numeric_limits<float>::infinity());
+  std::vector<BFloat16> k_rows(heads_per_pass * key_rows * D_pad, BFloat16(0.0f));
+  std::vector<BFloat16> v_rows(heads_per_pass * key_rows * Dv_pad, BFloat16(0.0f));
+  std::vector<BFloat16> k_t(heads_per_pass * D_pad * key_rows, BFloat16(0.0f));
   auto no_workspace = [] { return 0; };
-  parallel_over_blocks(QueryBlock::count(p), no_workspace, [&](int64_t item, int) {
-    const QueryBlock block(p, item);
-    const int64_t batch_head = block.batch_head(p), row0 = block.row0, rows = block.rows;
-    const BFloat16* q = q_base + p.q_strides.offset(block.batch, block.head, row0);
-    const BFloat16* dout = dout_base + p.dout_strides.offset(block.batch, block.head, row0);
-    pack_transposed_vnni(q, p.q_strides.row, rows, BM, D, D_pad, panels.q_t_at(batch_head, row0), 2 * BM);
-    pack_transposed_vnni(dout, p.dout_strides.row, rows, BM, Dv, Dv_pad, panels.dout_t_at(batch_head, row0), 2 * BM);
-    pack_row_pairs_vnni(q, p.q_strides.row, rows, BM, D, D_pad, panels.q_pairs_at(batch_head, row0), 2 * D_pad);
-    pack_row_pairs_vnni(dout, p.dout_strides.row, rows, BM, Dv, Dv_pad, panels.dout_pairs_at(batch_head, row0),
-                        2 * Dv_pad);
-    row_statistics<BFloat16>(p, block.batch, block.head, row0, rows, delta.data() + batch_head * Nq_pad + row0,
-                             lse_log2.data() + batch_head * Nq_pad + row0);
-  });
-
-  // Per (batch, kv head): k and v rows and k^T, zero-padded, copied a block of keys at a time.
-  const int64_t kv_heads = p.batch * p.heads_kv;
-  std::vector<BFloat16> k_rows(kv_heads * key_rows * D_pad, BFloat16(0.0f));
-  std::vector<BFloat16> v_rows(kv_heads * key_rows * Dv_pad, BFloat16(0.0f));
-  std::vector<BFloat16> k_t(kv_heads * D_pad * key_rows, BFloat16(0.0f));
-  parallel_over_blocks(kv_heads * key_blocks, no_workspace, [&](int64_t item, int) {
-    const int64_t kv_batch_head = item / key_blocks, key0 = (item % key_blocks) * BN;
-    const int64_t batch = kv_batch_head / p.heads_kv, kv_head = kv_batch_head % p.heads_kv;
-    const int64_t keys = std::min(BN, p.seqlen_k - key0);
-    const BFloat16* k = k_base + p.k_strides.offset(batch, kv_head, key0);
-    pack_rows(k, p.k_strides.row, keys, D, k_rows.data() + (kv_batch_head * key_rows + key0) * D_pad, D_pad);
-    pack_rows(v_base + p.v_strides.offset(batch, kv_head, key0), p.v_strides.row, keys, Dv,
-              v_rows.data() + (kv_batch_head * key_rows + key0) * Dv_pad, Dv_pad);
-    transpose_rows(k, p.k_strides.row, keys, D, k_t.data() + kv_batch_head * D_pad * key_rows + key0, key_rows);
-  });
 
   const ChunkPlan chunks(p, (D_pad + Dv_pad) * int64_t(sizeof(float)));
   Partials<float> partials(p, chunks, D_pad, Dv_pad);
@@ -480,46 +461,76 @@ void attention_backward_amx(const AttentionParams& p) {
   };
   auto make_workspace = [&] { return Workspace(D_pad); };
 
-  parallel_over_blocks(kv_heads * chunks.count, make_workspace, [&](int64_t item, Workspace& w) {
-    const int64_t chunk = item % chunks.count, kv_batch_head = item / chunks.count;
-    const int64_t kv_head = kv_batch_head % p.heads_kv, batch = kv_batch_head / p.heads_kv;
-    const int64_t row_begin = chunk * chunks.rows, row_end = std::min(p.seqlen_q, row_begin + chunks.rows);
-    float* dk_chunk = partials.dk_rows(kv_batch_head, chunk);  // indexed by absolute key row
-    float* dv_chunk = partials.dv_rows(kv_batch_head, chunk);
-    const BFloat16* k_head = k_rows.data() + kv_batch_head * key_rows * D_pad;
-    const BFloat16* v_head = v_rows.data() + kv_batch_head * key_rows * Dv_pad;
-    const BFloat16* k_t_head = k_t.data() + kv_batch_head * D_pad * key_rows;
-    for (int64_t head = kv_head * p.kv_group(); head < (kv_head + 1) * p.kv_group(); ++head) {
-      const int64_t batch_head = batch * p.heads_q + head;
-      for (int64_t row0 = row_begin; row0 < row_end; row0 += BM) {
-        const int64_t rows = std::min(BM, row_end - row0);
-        std::fill(w.dq_t.begin(), w.dq_t.end(), 0.0f);
-        const int64_t key_end = p.end_visible_key(row0 + rows - 1);
-        for (int64_t key0 = p.first_visible_key(row0) / BN * BN; key0 < key_end; key0 += BN) {
-          const int64_t keys = std::min(BN, p.seqlen_k - key0);
-          if (all_keys_padded(p, batch, key0, keys)) continue;
-          float* s_t = w.scores_t.data();
-          amx_gemm<false>(BN, BM, D_pad, k_head + key0 * D_pad, D_pad, panels.q_t_at(batch_head, row0), 2 * BM, s_t,
-                          BM);
-          mask_scores(p, batch, key0, keys, row0, rows, BM, s_t);
-          amx_gemm<false>(BN, BM, Dv_pad, v_head + key0 * Dv_pad, Dv_pad, panels.dout_t_at(batch_head, row0), 2 * BM,
-                          w.dprobs_t.data(), BM);
-          amx_probabilities_and_dscores(s_t, w.dprobs_t.data(), keys, lse_log2.data() + batch_head * Nq_pad + row0,
-                                        delta.data() + batch_head * Nq_pad + row0, scale_log2, w.probs.data(),
-                                        w.dscores.data(), w.dscores_vnni.data());
-          amx_gemm<true>(BN, Dv_pad, BM, w.probs.data(), BM, panels.dout_pairs_at(batch_head, row0), 2 * Dv_pad,
-                         dv_chunk + key0 * Dv_pad, Dv_pad);
-          amx_gemm<true>(BN, D_pad, BM, w.dscores.data(), BM, panels.q_pairs_at(batch_head, row0), 2 * D_pad,
-                         dk_chunk + key0 * D_pad, D_pad);
-          amx_gemm<true>(D_pad, BM, BN, k_t_head + key0, key_rows, w.dscores_vnni.data(), 2 * BM, w.dq_t.data(), BM);
-        }
-        for (int64_t i = 0; i < rows; ++i) {
-          BFloat16* dq_row = dq_base + p.dq_strides.offset(batch, head, row0 + i);
-          for (int64_t d = 0; d < D; ++d) dq_row[d] = static_cast<BFloat16>(scale * w.dq_t[d * BM + i]);
+  for (int64_t first_head = 0; first_head < kv_heads; first_head += heads_per_pass) {
+    const int64_t pass_heads = std::min(heads_per_pass, kv_heads - first_head);
+    const int64_t first_q_head = first_head * group;  // batch * heads_q + head of the pass's first query head
+    parallel_over_blocks(pass_heads * items_per_kv_head, no_workspace, [&](int64_t pass_item, int) {
+      const QueryBlock block(p, first_head * items_per_kv_head + pass_item);
+      const int64_t slot = block.batch_head(p) - first_q_head, row0 = block.row0, rows = block.rows;
+      const BFloat16* q = q_base + p.q_strides.offset(block.batch, block.head, row0);
+      const BFloat16* dout = dout_base + p.dout_strides.offset(block.batch, block.head, row0);
+      pack_transposed_vnni(q, p.q_strides.row, rows, BM, D, D_pad, panels.q_t_at(slot, row0), 2 * BM);
+      pack_transposed_vnni(dout, p.dout_strides.row, rows, BM, Dv, Dv_pad, panels.dout_t_at(slot, row0), 2 * BM);
+      pack_row_pairs_vnni(q, p.q_strides.row, rows, BM, D, D_pad, panels.q_pairs_at(slot, row0), 2 * D_pad);
+      pack_row_pairs_vnni(dout, p.dout_strides.row, rows, BM, Dv, Dv_pad, panels.dout_pairs_at(slot, row0),
+                          2 * Dv_pad);
+      row_statistics<BFloat16>(p, block.batch, block.head, row0, rows, delta.data() + slot * Nq_pad + row0,
+                               lse_log2.data() + slot * Nq_pad + row0);
+    });
+    parallel_over_blocks(pass_heads * key_blocks, no_workspace, [&](int64_t item, int) {
+      const int64_t slot = item / key_blocks, key0 = (item % key_blocks) * BN;
+      const int64_t batch = (first_head + slot) / p.heads_kv, kv_head = (first_head + slot) % p.heads_kv;
+      const int64_t keys = std::min(BN, p.seqlen_k - key0);
+      const BFloat16* k = k_base + p.k_strides.offset(batch, kv_head, key0);
+      pack_rows(k, p.k_strides.row, keys, D, k_rows.data() + (slot * key_rows + key0) * D_pad, D_pad);
+      pack_rows(v_base + p.v_strides.offset(batch, kv_head, key0), p.v_strides.row, keys, Dv,
+                v_rows.data() + (slot * key_rows + key0) * Dv_pad, Dv_pad);
+      transpose_rows(k, p.k_strides.row, keys, D, k_t.data() + slot * D_pad * key_rows + key0, key_rows);
+    });
+
+    parallel_over_blocks(pass_heads * chunks.count, make_workspace, [&](int64_t pass_item, Workspace& w) {
+      const int64_t chunk = pass_item % chunks.count, slot = pass_item / chunks.count;
+      const int64_t kv_batch_head = first_head + slot;
+      const int64_t kv_head = kv_batch_head % p.heads_kv, batch = kv_batch_head / p.heads_kv;
+      const int64_t row_begin = chunk * chunks.rows, row_end = std::min(p.seqlen_q, row_begin + chunks.rows);
+      float* dk_chunk = partials.dk_rows(kv_batch_head, chunk);  // indexed by absolute key row
+      float* dv_chunk = partials.dv_rows(kv_batch_head, chunk);
+      const BFloat16* k_head = k_rows.data() + slot * key_rows * D_pad;
+      const BFloat16* v_head = v_rows.data() + slot * key_rows * Dv_pad;
+      const BFloat16* k_t_head = k_t.data() + slot * D_pad * key_rows;
+      for (int64_t head = kv_head * group; head < (kv_head + 1) * group; ++head) {
+        const int64_t q_slot = batch * p.heads_q + head - first_q_head;
+        for (int64_t row0 = row_begin; row0 < row_end; row0 += BM) {
+          const int64_t rows = std::min(BM, row_end - row0);
+          std::fill(w.dq_t.begin(), w.dq_t.end(), 0.0f);
+          const int64_t key_end = p.end_visible_key(row0 + rows - 1);
+          for (int64_t key0 = p.first_visible_key(row0) / BN * BN; key0 < key_end; key0 += BN) {
+            const int64_t keys = std::min(BN, p.seqlen_k - key0);
+            if (all_keys_padded(p, batch, key0, keys)) continue;
+            float* s_t = w.scores_t.data();
+            amx_gemm<false>(BN, BM, D_pad, k_head + key0 * D_pad, D_pad, panels.q_t_at(q_slot, row0), 2 * BM, s_t,
+                            BM);
+            mask_scores(p, batch, key0, keys, row0, rows, BM, s_t);
+            amx_gemm<false>(BN, BM, Dv_pad, v_head + key0 * Dv_pad, Dv_pad, panels.dout_t_at(q_slot, row0), 2 * BM,
+                            w.dprobs_t.data(), BM);
+            amx_probabilities_and_dscores(s_t, w.dprobs_t.data(), keys, lse_log2.data() + q_slot * Nq_pad + row0,
+                                          delta.data() + q_slot * Nq_pad + row0, scale_log2, w.probs.data(),
+                                          w.dscores.data(), w.dscores_vnni.data());
+            amx_gemm<true>(BN, Dv_pad, BM, w.probs.data(), BM, panels.dout_pairs_at(q_slot, row0), 2 * Dv_pad,
+                           dv_chunk + key0 * Dv_pad, Dv_pad);
+            amx_gemm<true>(BN, D_pad, BM, w.dscores.data(), BM, panels.q_pairs_at(q_slot, row0), 2 * D_pad,
+                           dk_chunk + key0 * D_pad, D_pad);
+            amx_gemm<true>(D_pad, BM, BN, k_t_head + key0, key_rows, w.dscores_vnni.data(), 2 * BM, w.dq_t.data(),
+                           BM);
+          }
+          for (int64_t i = 0; i < rows; ++i) {
+            BFloat16* dq_row = dq_base + p.dq_strides.offset(batch, head, row0 + i);
+            for (int64_t d = 0; d < D; ++d) dq_row[d] = static_cast<BFloat16>(scale * w.dq_t[d * BM + i]);
+          }
         }
       }
-    }
-  });
+    });
+  }
   partials.reduce_into<BFloat16>(p, scale);
 }
 #endif  // FASTATTN_HAS_AMX

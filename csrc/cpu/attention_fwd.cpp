@@ -186,16 +186,9 @@ void attention_forward_amx(const AttentionParams& p) {
   auto* out_base = static_cast<BFloat16*>(p.out);
   auto* lse_base = static_cast<float*>(p.lse);
 
-  // The copies are made for a few kv heads at a time, as many as fit in kPackedBudgetBytes: at
-  // long sequences, copies of every head at once (2 x 8 heads x 64k keys x 64 x 2 bytes = 134 MB)
-  // are past glibc's 32 MiB mmap threshold, so each call got fresh pages, zeroed by the kernel
-  // and page-faulted in, and they left the caches before their query blocks read them (the bf16
-  // forward's cost per token doubled from 16k to 64k keys).
-  constexpr int64_t kPackedBudgetBytes = 16 << 20;
+  // The copies are made for a few kv heads at a time (kv_heads_per_pass says why).
   const int64_t kv_heads_total = p.batch * p.heads_kv;
-  const int64_t head_elements = key_rows * (D_pad + Dv_pad);
-  const int64_t heads_per_pass =
-      std::clamp<int64_t>(kPackedBudgetBytes / (head_elements * int64_t(sizeof(BFloat16))), 1, kv_heads_total);
+  const int64_t heads_per_pass = kv_heads_per_pass(p, key_rows * (D_pad + Dv_pad) * int64_t(sizeof(BFloat16)));
   // Zeroed once: every pass writes the same [keys x head dim] part of each head's slot, so the
   // padding rows and columns stay zero.
   std::vector<BFloat16> k_rows(heads_per_pass * key_rows * D_pad, BFloat16(0.0f));
@@ -226,8 +219,7 @@ void attention_forward_amx(const AttentionParams& p) {
                      v_t.data() + slot * Dv_pad * key_rows + key0, key_rows);
     });
 
-    // The query blocks of these kv heads: items are batch-major over query heads, and query head
-    // h reads kv head h / kv_group, so they are one contiguous range.
+    // The query blocks of these kv heads (one contiguous range of items, see kv_heads_per_pass).
     parallel_over_blocks(pass_heads * items_per_kv_head, make_workspace, [&](int64_t pass_item, Workspace& w) {
       const QueryBlock block(p, first_head * items_per_kv_head + pass_item);
       const int64_t row0 = block.row0, rows = block.rows;

@@ -178,6 +178,19 @@ inline bool all_keys_padded(const AttentionParams& p, int64_t batch, int64_t key
   return true;
 }
 
+// How many (batch, kv head) pairs the AMX kernels copy and then attend per pass, given the bytes
+// their per-pass buffers take per pair: as many as fit in 16 MiB, at least one. Buffers for every
+// head at once (2 x 8 heads x 64k keys x 64 x 2 bytes = 134 MB of k / v^T copies in the forward)
+// are past glibc's 32 MiB mmap threshold, so each call got fresh pages, zeroed by the kernel and
+// page-faulted in, and they left the caches before the blocks that read them ran (the bf16
+// forward's cost per token doubled from 16k to 64k keys). A pass's query blocks are the
+// contiguous item range [first * per_kv_head, (first + count) * per_kv_head) of QueryBlock, with
+// per_kv_head = kv_group * ceil(Nq / kBlockQueries).
+inline int64_t kv_heads_per_pass(const AttentionParams& p, int64_t bytes_per_kv_head) {
+  constexpr int64_t kBudgetBytes = 16 << 20;
+  return std::clamp<int64_t>(kBudgetBytes / std::max<int64_t>(bytes_per_kv_head, 1), 1, p.batch * p.heads_kv);
+}
+
 // One block of kBlockQueries query rows of one (batch, query head), item number `item` in
 // batch-major order: the unit of work of the forward and of the backward's dq pass, with the
 // key range its window reaches (the first row has the lowest window start and the last row the
