@@ -136,17 +136,19 @@ inline void gemm(int64_t m, int64_t n, int64_t depth, const T* a, int64_t a_row_
 // at::vec's exp2 (a Sleef call), and more accurate than its exp_u20: 2^x = 2^n * 2^f with 2^f
 // by a degree-6 near-minimax polynomial, 1.4-1.6 ulp after float rounding.
 //
-// No result is subnormal: on Intel CPUs an instruction whose result is (or underflows through)
-// a subnormal takes a microcode assist costing ~100 normal ones, and every masked score (-inf)
-// would take one (measured on a Xeon with AMX: a bf16 (256, 256) window forward at N = 4096 ran
-// 17 ms with subnormal results, 12 ms with the CPU flushing them). 2^x below 2^-125, ~1e-38 of the
-// row's largest probability, is returned as 0.
+// Masked scores never give a subnormal: on Intel CPUs an instruction whose result is (or
+// underflows through) a subnormal takes a microcode assist costing ~100 normal ones, and every
+// masked score (-inf) took one (measured on a Xeon with AMX: a bf16 (256, 256) window forward at
+// N = 4096 ran 17 ms with subnormal results, 12 ms with the CPU flushing them). The AVX-512
+// version returns 2^x below 2^-125 (~1e-38 of the row's largest probability) as 0 and no
+// subnormal at all; the portable one gives 0 * poly below -127 and can still give a subnormal for
+// x in (-127, -125.5), an argument a softmax rarely sees.
 #if defined(CPU_CAPABILITY_AVX512)
 // 2^f on [0, 1), for n = floor(x): coefficients of 1, f, f^2, ...
 constexpr float kExp2Coefficients[7] = {1.0f, 0.6931470036506653f, 0.24022983014583588f, 0.055483341217041016f,
                                         0.009678840637207031f, 0.0012439688434824347f, 0.00021702254889532924f};
 // Degree 4, 2.7e-6 relative: for probabilities that are rounded to bf16 (2^-9) before they are
-// multiplied, two FMAs fewer than kExp2Coefficients on the vector unit that the softmax saturates.
+// multiplied, two FMAs fewer than kExp2Coefficients (the bf16 AMX forward: ~10% faster).
 constexpr float kExp2Bf16Coefficients[5] = {1.0000026226043701f, 0.6930038332939148f, 0.2414427548646927f,
                                             0.052011460065841675f, 0.013534167781472206f};
 
