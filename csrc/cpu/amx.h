@@ -122,16 +122,26 @@ inline __m512i interleave_bf16(__m512 even, __m512 odd) {
   return _mm512_permutexvar_epi16(order, (__m512i)_mm512_cvtne2ps_pbh(odd, even));
 }
 
+// Lane l holds l * stride: the offsets of a 16-lane gather down a column (stride elements apart).
+inline __m512i lane_strides(int64_t stride) {
+  return _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                            _mm512_set1_epi32(static_cast<int32_t>(stride)));
+}
+
+// The mask of the first min(count, 16) lanes.
+inline __mmask16 first_lanes(int64_t count) {
+  return static_cast<__mmask16>((1u << std::min<int64_t>(16, count)) - 1);
+}
+
 // dst[i][d] = bf16(src_t[d * ld + i] * row_scale[i]) for i < rows, d < cols (dst rows
 // dst_row_stride apart): out = (out^T)^T / l, 16 values of d per gather, converted and stored at once.
 inline void store_transposed_scaled(const float* src_t, int64_t ld, int64_t rows, int64_t cols, const float* row_scale,
                                     BFloat16* dst, int64_t dst_row_stride) {
-  const __m512i d_offsets = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                               _mm512_set1_epi32(static_cast<int32_t>(ld)));
+  const __m512i d_offsets = lane_strides(ld);
   for (int64_t i = 0; i < rows; ++i) {
     const __m512 scale = _mm512_set1_ps(row_scale[i]);
     for (int64_t d0 = 0; d0 < cols; d0 += 16) {
-      const __mmask16 valid = static_cast<__mmask16>((1u << std::min<int64_t>(16, cols - d0)) - 1);
+      const __mmask16 valid = first_lanes(cols - d0);
       const __m512 values = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, d_offsets, src_t + d0 * ld + i, 4);
       _mm256_mask_storeu_epi16(dst + i * dst_row_stride + d0, valid, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(values, scale)));
     }
@@ -159,10 +169,9 @@ inline void pack_transposed_vnni(const src_t* src, int64_t src_row_stride, int64
   if constexpr (std::is_same_v<src_t, BFloat16>) {
     if (src_row_stride <= std::numeric_limits<int32_t>::max() / 16) {
       vector_pairs = cols / 2;
-      const __m512i row_offsets = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                                     _mm512_set1_epi32(static_cast<int32_t>(src_row_stride)));
+      const __m512i row_offsets = lane_strides(src_row_stride);
       for (int64_t r0 = 0; r0 < rows; r0 += 16) {
-        const __mmask16 valid = static_cast<__mmask16>((1u << std::min<int64_t>(16, rows - r0)) - 1);
+        const __mmask16 valid = first_lanes(rows - r0);
         for (int64_t pair = 0; pair < vector_pairs; ++pair) {
           // Offsets in bf16 elements, scale 2: each lane reads the pair (2 * pair, 2 * pair + 1) of its row.
           const __m512i units = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, row_offsets,
