@@ -57,7 +57,7 @@ inline void unpack_rows(acc_t* src, int64_t ld, int64_t rows, int64_t cols, acc_
 template <typename acc_t>
 struct QueryRows {
   int64_t length, head_dim, head_dim_v;  // length = Nq rounded up to whole query blocks
-  std::vector<acc_t> q_t, dout_t, delta, lse_log2;
+  Buffer<acc_t> q_t, dout_t, delta, lse_log2;
 
   QueryRows(const AttentionParams& p)
       : length(ceil_div(p.seqlen_q, kBlockQueries) * kBlockQueries), head_dim(p.head_dim),
@@ -81,7 +81,7 @@ struct QueryRows {
 template <typename acc_t>
 struct Workspace {
   int64_t d_pad, dv_pad;
-  std::vector<acc_t> q, dout, k, v, probs_t, dscores_t, dq, tile_grad;
+  Buffer<acc_t> q, dout, k, v, probs_t, dscores_t, dq, tile_grad;
 
   Workspace(int64_t D, int64_t Dv)
       : d_pad(round_up(D, Vectorized<acc_t>::size())), dv_pad(round_up(Dv, Vectorized<acc_t>::size())),
@@ -200,7 +200,7 @@ template <typename acc_t>
 struct Partials {
   const ChunkPlan& chunks;
   int64_t d_pad, dv_pad;
-  std::vector<acc_t> dk, dv;
+  Buffer<acc_t> dk, dv;
 
   Partials(const AttentionParams& p, const ChunkPlan& plan, int64_t d_pad_, int64_t dv_pad_)
       : chunks(plan), d_pad(d_pad_), dv_pad(dv_pad_),
@@ -224,7 +224,7 @@ struct Partials {
       const int64_t key_block = item % key_blocks, kv_batch_head = item / key_blocks;
       const int64_t kv_head = kv_batch_head % p.heads_kv, batch = kv_batch_head / p.heads_kv;
       const int64_t key0 = key_block * BN, keys = std::min(BN, p.seqlen_k - key0);
-      std::vector<acc_t> dk_sum(keys * d_pad, acc_t(0)), dv_sum(keys * dv_pad, acc_t(0));
+      Buffer<acc_t> dk_sum(keys * d_pad, acc_t(0)), dv_sum(keys * dv_pad, acc_t(0));
       for (int64_t chunk = 0; chunk < chunks.count; ++chunk) {
         const int64_t first = std::max(key0, chunks.key_begin[chunk]);
         const int64_t end = std::min(key0 + keys, chunks.key_end[chunk]);
@@ -361,7 +361,7 @@ void attention_backward_kernel(const AttentionParams& p) {
 // for dk += dS^T q and dv += P^T dout). Padding queries and head-dim columns are zero.
 struct AmxQueryPanels {
   int64_t d_pad, dv_pad, blocks;
-  std::vector<BFloat16> q_t, dout_t, q_pairs, dout_pairs;
+  Buffer<BFloat16> q_t, dout_t, q_pairs, dout_pairs;
   AmxQueryPanels(int64_t batch_heads, int64_t blocks_, int64_t d_pad_, int64_t dv_pad_)
       : d_pad(d_pad_), dv_pad(dv_pad_), blocks(blocks_), q_t(batch_heads * blocks * d_pad * kBlockQueries),
         dout_t(batch_heads * blocks * dv_pad * kBlockQueries), q_pairs(q_t.size()), dout_pairs(dout_t.size()) {}
@@ -442,19 +442,19 @@ void attention_backward_amx(const AttentionParams& p) {
       int64_t(sizeof(float)) * group * Nq_pad * 2;
   const int64_t heads_per_pass = kv_heads_per_pass(p, bytes_per_kv_head);
   AmxQueryPanels panels(heads_per_pass * group, query_blocks, D_pad, Dv_pad);
-  std::vector<float> delta(heads_per_pass * group * Nq_pad, 0.0f);
-  std::vector<float> lse_log2(heads_per_pass * group * Nq_pad, std::numeric_limits<float>::infinity());
-  std::vector<BFloat16> k_rows(heads_per_pass * key_rows * D_pad, BFloat16(0.0f));
-  std::vector<BFloat16> v_rows(heads_per_pass * key_rows * Dv_pad, BFloat16(0.0f));
-  std::vector<BFloat16> k_t(heads_per_pass * D_pad * key_rows, BFloat16(0.0f));
+  Buffer<float> delta(heads_per_pass * group * Nq_pad, 0.0f);
+  Buffer<float> lse_log2(heads_per_pass * group * Nq_pad, std::numeric_limits<float>::infinity());
+  Buffer<BFloat16> k_rows(heads_per_pass * key_rows * D_pad, BFloat16(0.0f));
+  Buffer<BFloat16> v_rows(heads_per_pass * key_rows * Dv_pad, BFloat16(0.0f));
+  Buffer<BFloat16> k_t(heads_per_pass * D_pad * key_rows, BFloat16(0.0f));
   auto no_workspace = [] { return 0; };
 
   const ChunkPlan chunks(p, (D_pad + Dv_pad) * int64_t(sizeof(float)));
   Partials<float> partials(p, chunks, D_pad, Dv_pad);
   struct Workspace {
     AmxTileScope tiles;
-    std::vector<float> scores_t, dprobs_t, dq_t;
-    std::vector<BFloat16> probs, dscores, dscores_vnni;
+    Buffer<float> scores_t, dprobs_t, dq_t;
+    Buffer<BFloat16> probs, dscores, dscores_vnni;
     explicit Workspace(int64_t D_pad)
         : scores_t(BN * BM), dprobs_t(BN * BM), dq_t(D_pad * BM), probs(BN * BM), dscores(BN * BM),
           dscores_vnni(BN * BM) {}

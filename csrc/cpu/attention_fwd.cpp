@@ -55,7 +55,7 @@ void attention_forward_kernel(const AttentionParams& p) {
   // The running state of each query block of a group (q^T, the output accumulator, m and l per
   // query); the key block's operands and the score tile are shared, one query block at a time.
   struct Workspace {
-    std::vector<acc_t> q_t, acc, row_max, row_sum, k, v, scores_t, rescale;
+    Buffer<acc_t> q_t, acc, row_max, row_sum, k, v, scores_t, rescale;
   };
   auto make_workspace = [&] {
     Workspace w;
@@ -176,8 +176,9 @@ void attention_forward_amx(const AttentionParams& p) {
   constexpr float kLn2 = 0.69314718055994531f;
   const int64_t D = p.head_dim, Dv = p.head_dim_v;
   const int64_t D_pad = round_up(D, 32), Dv_pad = round_up(Dv, 32);
-  // A key block may start at any key and always spans BN rows: room for BN past the end.
-  const int64_t key_rows = p.seqlen_k + BN;
+  // A key block may start at any key and always spans BN rows: room for BN past the end. Whole
+  // cache lines per v^T row, so that its rows start on one.
+  const int64_t key_rows = round_up(p.seqlen_k, 32) + BN;
   const Vec scale_log2(static_cast<float>(p.scale) * kLog2e);
 
   const auto* q_base = static_cast<const BFloat16*>(p.q);
@@ -191,15 +192,15 @@ void attention_forward_amx(const AttentionParams& p) {
   const int64_t heads_per_pass = kv_heads_per_pass(p, key_rows * (D_pad + Dv_pad) * int64_t(sizeof(BFloat16)));
   // Zeroed once: every pass writes the same [keys x head dim] part of each head's slot, so the
   // padding rows and columns stay zero.
-  std::vector<BFloat16> k_rows(heads_per_pass * key_rows * D_pad, BFloat16(0.0f));
-  std::vector<BFloat16> v_t(heads_per_pass * Dv_pad * key_rows, BFloat16(0.0f));
+  Buffer<BFloat16> k_rows(heads_per_pass * key_rows * D_pad, BFloat16(0.0f));
+  Buffer<BFloat16> v_t(heads_per_pass * Dv_pad * key_rows, BFloat16(0.0f));
   const int64_t key_chunks = ceil_div(p.seqlen_k, BN);
   const int64_t items_per_kv_head = p.kv_group() * ceil_div(p.seqlen_q, BM);
   auto no_workspace = [] { return 0; };
   struct Workspace {
     AmxTileScope tiles;
-    std::vector<BFloat16> q_vnni, probs_vnni;
-    std::vector<float> scores_t, out_t, row_max, row_sum, rescale;
+    Buffer<BFloat16> q_vnni, probs_vnni;
+    Buffer<float> scores_t, out_t, row_max, row_sum, rescale;
     Workspace(int64_t D_pad, int64_t Dv_pad)
         : q_vnni(D_pad * BM), probs_vnni(BN * BM), scores_t(BN * BM), out_t(Dv_pad * BM), row_max(BM),
           row_sum(BM), rescale(BM) {}
