@@ -111,6 +111,17 @@ def test_long_keys_copied_in_passes(window):
     check_against_oracle(q, k, v, backend=BACKEND, **window_kwargs(window, 16500))
 
 
+def test_copies_kept_between_calls_are_rewritten():
+    """The AMX forward keeps its k / v copies from call to call (reusable_storage). A first call
+    fills them with NaN (NaN keys and values, head dim 64, 300 keys); the next, smaller one (head
+    dim 40, 77 keys) must write every padding element its tiles read (head-dim columns 40..63,
+    key rows past 77), or those NaN reach its output. Other CPUs run the same calls."""
+    q, k, v = make_qkv(1, 2, 2, 64, 300, 64, dtype=torch.bfloat16, seed=21)
+    fastattn.attention(q, k.fill_(float("nan")), v.fill_(float("nan")), backend=BACKEND)
+    q, k, v = make_qkv(1, 2, 2, 50, 77, 40, dtype=torch.bfloat16, seed=22)
+    check_against_oracle(q, k, v, backend=BACKEND)
+
+
 @pytest.mark.parametrize("case", FULLY_MASKED_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_fully_masked_rows(case, dtype):

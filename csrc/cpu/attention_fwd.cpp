@@ -190,10 +190,11 @@ void attention_forward_amx(const AttentionParams& p) {
   // The copies are made for a few kv heads at a time (kv_heads_per_pass says why).
   const int64_t kv_heads_total = p.batch * p.heads_kv;
   const int64_t heads_per_pass = kv_heads_per_pass(p, key_rows * (D_pad + Dv_pad) * int64_t(sizeof(BFloat16)));
-  // Zeroed once: every pass writes the same [keys x head dim] part of each head's slot, so the
-  // padding rows and columns stay zero.
-  Buffer<BFloat16> k_rows(heads_per_pass * key_rows * D_pad, BFloat16(0.0f));
-  Buffer<BFloat16> v_t(heads_per_pass * Dv_pad * key_rows, BFloat16(0.0f));
+  // Kept between calls (reusable_storage): each copy item below also zeroes the padding of its
+  // keys, and the last one the key rows past seqlen_k, so every element a tile reads is written.
+  Buffer<BFloat16> k_rows_local, v_t_local;
+  BFloat16* k_rows = reusable_storage<BFloat16, 2>(0, heads_per_pass * key_rows * D_pad, k_rows_local);
+  BFloat16* v_t = reusable_storage<BFloat16, 2>(1, heads_per_pass * Dv_pad * key_rows, v_t_local);
   const int64_t key_chunks = ceil_div(p.seqlen_k, BN);
   const int64_t items_per_kv_head = p.kv_group() * ceil_div(p.seqlen_q, BM);
   auto no_workspace = [] { return 0; };
@@ -213,11 +214,22 @@ void attention_forward_amx(const AttentionParams& p) {
     parallel_over_blocks(pass_heads * key_chunks, no_workspace, [&](int64_t item, int) {
       const int64_t slot = item / key_chunks, key0 = (item % key_chunks) * BN;
       const int64_t batch = (first_head + slot) / p.heads_kv, kv_head = (first_head + slot) % p.heads_kv;
+      // The last chunk also covers the padding key rows up to key_rows.
       const int64_t keys = std::min(BN, p.seqlen_k - key0);
-      pack_rows(k_base + p.k_strides.offset(batch, kv_head, key0), p.k_strides.row, keys, D,
-                k_rows.data() + (slot * key_rows + key0) * D_pad, D_pad);
-      transpose_rows(v_base + p.v_strides.offset(batch, kv_head, key0), p.v_strides.row, keys, Dv,
-                     v_t.data() + slot * Dv_pad * key_rows + key0, key_rows);
+      const int64_t copy_end = key0 + BN < p.seqlen_k ? key0 + keys : key_rows;
+      BFloat16* k_slot = k_rows + slot * key_rows * D_pad;
+      BFloat16* v_t_slot = v_t + slot * Dv_pad * key_rows;
+      pack_rows(k_base + p.k_strides.offset(batch, kv_head, key0), p.k_strides.row, keys, D, k_slot + key0 * D_pad,
+                D_pad);
+      for (int64_t key = key0; key < copy_end; ++key) {
+        std::fill(k_slot + key * D_pad + (key < p.seqlen_k ? D : 0), k_slot + (key + 1) * D_pad, BFloat16(0.0f));
+      }
+      transpose_rows(v_base + p.v_strides.offset(batch, kv_head, key0), p.v_strides.row, keys, Dv, v_t_slot + key0,
+                     key_rows);
+      for (int64_t d = 0; d < Dv_pad; ++d) {
+        BFloat16* row = v_t_slot + d * key_rows;
+        std::fill(row + (d < Dv ? key0 + keys : key0), row + copy_end, BFloat16(0.0f));
+      }
     });
 
     // The query blocks of these kv heads (one contiguous range of items, see kv_heads_per_pass).
@@ -225,8 +237,8 @@ void attention_forward_amx(const AttentionParams& p) {
       const QueryBlock block(p, first_head * items_per_kv_head + pass_item);
       const int64_t row0 = block.row0, rows = block.rows;
       const int64_t slot = block.batch * p.heads_kv + block.kv_head - first_head;
-      const BFloat16* k_head = k_rows.data() + slot * key_rows * D_pad;
-      const BFloat16* v_t_head = v_t.data() + slot * Dv_pad * key_rows;
+      const BFloat16* k_head = k_rows + slot * key_rows * D_pad;
+      const BFloat16* v_t_head = v_t + slot * Dv_pad * key_rows;
 
       pack_transposed_vnni(q_base + p.q_strides.offset(block.batch, block.head, row0), p.q_strides.row, rows, BM, D,
                            D_pad, w.q_vnni.data(), 2 * BM);

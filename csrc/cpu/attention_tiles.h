@@ -213,9 +213,27 @@ inline bool all_keys_padded(const AttentionParams& p, int64_t batch, int64_t key
 // forward's cost per token doubled from 16k to 64k keys). A pass's query blocks are the
 // contiguous item range [first * per_kv_head, (first + count) * per_kv_head) of QueryBlock, with
 // per_kv_head = kv_group * ceil(Nq / kBlockQueries).
+constexpr int64_t kPassBudgetBytes = 16 << 20;
+
 inline int64_t kv_heads_per_pass(const AttentionParams& p, int64_t bytes_per_kv_head) {
-  constexpr int64_t kBudgetBytes = 16 << 20;
-  return std::clamp<int64_t>(kBudgetBytes / std::max<int64_t>(bytes_per_kv_head, 1), 1, p.batch * p.heads_kv);
+  return std::clamp<int64_t>(kPassBudgetBytes / std::max<int64_t>(bytes_per_kv_head, 1), 1, p.batch * p.heads_kv);
+}
+
+// Storage for `count` elements that the calling thread keeps from one call to the next, one
+// buffer per `slot` (the per-pass copies of the AMX kernels). Allocated anew per call, buffers of
+// a few MiB came fresh from mmap every time, and faulting in and zeroing their pages was ~13% of
+// a bf16 forward at N = 1024 (perf, 2-core Xeon). Requests past kPassBudgetBytes (one kv head of
+// very long sequences) are not kept: `local` holds them for this call only. The contents are
+// whatever the last call left: the caller writes every element its tiles read.
+template <typename T, int SLOTS>
+inline T* reusable_storage(int slot, int64_t count, Buffer<T>& local) {
+  thread_local Buffer<T> kept[SLOTS];
+  Buffer<T>& buffer = count * int64_t(sizeof(T)) <= kPassBudgetBytes ? kept[slot] : local;
+  if (int64_t(buffer.size()) < count) {
+    buffer = Buffer<T>();  // frees the old buffer first rather than copying it over
+    buffer.resize(count);
+  }
+  return buffer.data();
 }
 
 // One block of kBlockQueries query rows of one (batch, query head), item number `item` in
