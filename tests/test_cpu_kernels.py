@@ -111,14 +111,18 @@ def test_long_keys_copied_in_passes(window):
     check_against_oracle(q, k, v, backend=BACKEND, **window_kwargs(window, 16500))
 
 
-def test_copies_kept_between_calls_are_rewritten():
-    """The AMX forward keeps its k / v copies from call to call (reusable_storage). A first call
-    fills them with NaN (NaN keys and values, head dim 64, 300 keys); the next, smaller one (head
-    dim 40, 77 keys) must write every padding element its tiles read (head-dim columns 40..63,
-    key rows past 77), or those NaN reach its output. Other CPUs run the same calls."""
-    q, k, v = make_qkv(1, 2, 2, 64, 300, 64, dtype=torch.bfloat16, seed=21)
-    fastattn.attention(q, k.fill_(float("nan")), v.fill_(float("nan")), backend=BACKEND)
-    q, k, v = make_qkv(1, 2, 2, 50, 77, 40, dtype=torch.bfloat16, seed=22)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_buffers_kept_between_calls_are_rewritten(dtype):
+    """The CPU kernels keep some buffers from call to call (reusable_storage: the AMX forward's
+    k / v copies, the backward's q^T / dout^T panels, row statistics and dk / dv partial sums). A
+    first call fills them with NaN (NaN inputs and dout, head dim 64, 64 queries, 300 keys); the
+    next, smaller one (head dim 40, 50 queries, 77 keys) must write every element it reads (padding
+    columns and rows, partial sums zeroed), or those NaN reach its output or gradients."""
+    q, k, v = make_qkv(1, 2, 2, 64, 300, 64, dtype=dtype, seed=21)
+    nan_inputs = [t.detach().fill_(float("nan")).requires_grad_() for t in (q, k, v)]
+    out = fastattn.attention(*nan_inputs, backend=BACKEND)
+    out.backward(torch.full_like(out, float("nan")))
+    q, k, v = make_qkv(1, 2, 2, 50, 77, 40, dtype=dtype, seed=22)
     check_against_oracle(q, k, v, backend=BACKEND)
 
 

@@ -47,32 +47,40 @@ inline void unpack_rows(acc_t* src, int64_t ld, int64_t rows, int64_t cols, acc_
   }
 }
 
+// reusable_storage slots of the backward's fp32 / fp64 buffers: QueryRows 0-3, Partials 4-5.
+constexpr int kBackwardSlots = 6;
+
 // Per query row of the whole problem: q^T and dout^T, delta and lse * log2(e). q^T and dout^T are
 // stored as one panel per query block ([D x kBlockQueries] and [Dv x kBlockQueries], row stride
 // kBlockQueries): a panel is the B operand of a tile product, and one [D x Nq] matrix instead
 // would put its rows Nq floats apart, a power of two for common lengths, so that they all fall
 // in the same L1 sets (measured: the two products reading it ran 30% slower). Queries past Nq (up
 // to whole blocks) are padding: q^T = dout^T = 0, delta = 0 and lse_log2 = +inf, so their P is 0.
-// lse_log2 is +inf also for rows that saw no key in the forward (lse = -inf).
+// lse_log2 is +inf also for rows that saw no key in the forward (lse = -inf). The storage is kept
+// between calls (reusable_storage: a call's fresh buffers were page-faulted and zeroed by one
+// thread while the other waited, ~6% of a backward at N = 1024); the pre-pass writes all of it.
 template <typename acc_t>
 struct QueryRows {
   int64_t length, head_dim, head_dim_v;  // length = Nq rounded up to whole query blocks
-  Buffer<acc_t> q_t, dout_t, delta, lse_log2;
+  Buffer<acc_t> q_t_local, dout_t_local, delta_local, lse_log2_local;
+  acc_t *q_t, *dout_t, *delta, *lse_log2;
 
   QueryRows(const AttentionParams& p)
       : length(ceil_div(p.seqlen_q, kBlockQueries) * kBlockQueries), head_dim(p.head_dim),
-        head_dim_v(p.head_dim_v), q_t(p.batch * p.heads_q * head_dim * length),
-        dout_t(p.batch * p.heads_q * head_dim_v * length), delta(p.batch * p.heads_q * length, acc_t(0)),
-        lse_log2(p.batch * p.heads_q * length, std::numeric_limits<acc_t>::infinity()) {}
+        head_dim_v(p.head_dim_v) {
+    const int64_t rows = p.batch * p.heads_q * length;
+    q_t = reusable_storage<acc_t, kBackwardSlots>(0, rows * head_dim, q_t_local);
+    dout_t = reusable_storage<acc_t, kBackwardSlots>(1, rows * head_dim_v, dout_t_local);
+    delta = reusable_storage<acc_t, kBackwardSlots>(2, rows, delta_local);
+    lse_log2 = reusable_storage<acc_t, kBackwardSlots>(3, rows, lse_log2_local);
+  }
 
   // The panels of the query block starting at row0 (a multiple of kBlockQueries) of (batch, head)
   // = batch_head, and the delta / lse_log2 entries from row0 on.
-  acc_t* q_t_at(int64_t batch_head, int64_t row0) { return q_t.data() + (batch_head * length + row0) * head_dim; }
-  acc_t* dout_t_at(int64_t batch_head, int64_t row0) {
-    return dout_t.data() + (batch_head * length + row0) * head_dim_v;
-  }
-  acc_t* delta_at(int64_t batch_head, int64_t row0) { return delta.data() + batch_head * length + row0; }
-  acc_t* lse_log2_at(int64_t batch_head, int64_t row0) { return lse_log2.data() + batch_head * length + row0; }
+  acc_t* q_t_at(int64_t batch_head, int64_t row0) { return q_t + (batch_head * length + row0) * head_dim; }
+  acc_t* dout_t_at(int64_t batch_head, int64_t row0) { return dout_t + (batch_head * length + row0) * head_dim_v; }
+  acc_t* delta_at(int64_t batch_head, int64_t row0) { return delta + batch_head * length + row0; }
+  acc_t* lse_log2_at(int64_t batch_head, int64_t row0) { return lse_log2 + batch_head * length + row0; }
 };
 
 // The buffers of one thread: packed rows of q, dout (per query block of a group), k, v where the
@@ -196,23 +204,35 @@ inline void row_statistics(const AttentionParams& p, int64_t batch, int64_t head
 // The dk/dv partial sums of every chunk (fp32/fp64 rows of d_pad / dv_pad, per (batch, kv head)
 // the chunks' key ranges in order) and their reduction into dk = scale * sum, dv = sum, added in
 // chunk order, written in the output dtype.
+//
+// The storage is kept between calls (reusable_storage, as QueryRows'), so it is not zero to start
+// with: the item that owns a chunk's rows zeroes them (zero_chunk) before adding to them, in
+// parallel rather than one thread zeroing everything.
 template <typename acc_t>
 struct Partials {
   const ChunkPlan& chunks;
   int64_t d_pad, dv_pad;
-  Buffer<acc_t> dk, dv;
+  Buffer<acc_t> dk_local, dv_local;
+  acc_t *dk, *dv;
 
   Partials(const AttentionParams& p, const ChunkPlan& plan, int64_t d_pad_, int64_t dv_pad_)
-      : chunks(plan), d_pad(d_pad_), dv_pad(dv_pad_),
-        dk(p.batch * p.heads_kv * plan.partial_rows * d_pad, acc_t(0)),
-        dv(p.batch * p.heads_kv * plan.partial_rows * dv_pad, acc_t(0)) {}
+      : chunks(plan), d_pad(d_pad_), dv_pad(dv_pad_) {
+    const int64_t rows = p.batch * p.heads_kv * plan.partial_rows;
+    dk = reusable_storage<acc_t, kBackwardSlots>(4, rows * d_pad, dk_local);
+    dv = reusable_storage<acc_t, kBackwardSlots>(5, rows * dv_pad, dv_local);
+  }
 
   // First row of the chunk's buffers, shifted so that they can be indexed by absolute key row.
   int64_t row_origin(int64_t kv_batch_head, int64_t chunk) const {
     return kv_batch_head * chunks.partial_rows + chunks.offset[chunk] - chunks.key_begin[chunk];
   }
-  acc_t* dk_rows(int64_t kv_batch_head, int64_t chunk) { return dk.data() + row_origin(kv_batch_head, chunk) * d_pad; }
-  acc_t* dv_rows(int64_t kv_batch_head, int64_t chunk) { return dv.data() + row_origin(kv_batch_head, chunk) * dv_pad; }
+  acc_t* dk_rows(int64_t kv_batch_head, int64_t chunk) { return dk + row_origin(kv_batch_head, chunk) * d_pad; }
+  acc_t* dv_rows(int64_t kv_batch_head, int64_t chunk) { return dv + row_origin(kv_batch_head, chunk) * dv_pad; }
+  void zero_chunk(int64_t kv_batch_head, int64_t chunk) {
+    const int64_t first = chunks.key_begin[chunk], end = chunks.key_end[chunk];
+    std::fill(dk_rows(kv_batch_head, chunk) + first * d_pad, dk_rows(kv_batch_head, chunk) + end * d_pad, acc_t(0));
+    std::fill(dv_rows(kv_batch_head, chunk) + first * dv_pad, dv_rows(kv_batch_head, chunk) + end * dv_pad, acc_t(0));
+  }
 
   template <typename scalar_t>
   void reduce_into(const AttentionParams& p, acc_t scale) const {
@@ -232,8 +252,8 @@ struct Partials {
         for (int64_t key = first; key < end; ++key) {
           acc_t* dk_row = dk_sum.data() + (key - key0) * d_pad;
           acc_t* dv_row = dv_sum.data() + (key - key0) * dv_pad;
-          const acc_t* dk_part = dk.data() + (origin + key) * d_pad;
-          const acc_t* dv_part = dv.data() + (origin + key) * dv_pad;
+          const acc_t* dk_part = dk + (origin + key) * d_pad;
+          const acc_t* dv_part = dv + (origin + key) * dv_pad;
           for (int64_t d = 0; d < d_pad; d += Vec::size()) (Vec::loadu(dk_row + d) + Vec::loadu(dk_part + d)).store(dk_row + d);
           for (int64_t d = 0; d < dv_pad; d += Vec::size()) (Vec::loadu(dv_row + d) + Vec::loadu(dv_part + d)).store(dv_row + d);
         }
@@ -278,6 +298,9 @@ void attention_backward_kernel(const AttentionParams& p) {
                          dout_t, BM);
     row_statistics<scalar_t>(p, batch, head, row0, rows, query_rows.delta_at(batch_head, row0),
                              query_rows.lse_log2_at(batch_head, row0));
+    std::fill(query_rows.delta_at(batch_head, row0 + rows), query_rows.delta_at(batch_head, row0 + BM), acc_t(0));
+    std::fill(query_rows.lse_log2_at(batch_head, row0 + rows), query_rows.lse_log2_at(batch_head, row0 + BM),
+              std::numeric_limits<acc_t>::infinity());
   });
 
   auto make_workspace = [&] { return Workspace<acc_t>(D, Dv); };
@@ -293,6 +316,7 @@ void attention_backward_kernel(const AttentionParams& p) {
     const int64_t kv_batch_head = item / chunks.count;
     const int64_t kv_head = kv_batch_head % p.heads_kv, batch = kv_batch_head / p.heads_kv;
     const int64_t row_begin = chunk * chunks.rows, row_end = std::min(p.seqlen_q, row_begin + chunks.rows);
+    partials.zero_chunk(kv_batch_head, chunk);
     acc_t* dk_chunk = partials.dk_rows(kv_batch_head, chunk);  // indexed by absolute key row
     acc_t* dv_chunk = partials.dv_rows(kv_batch_head, chunk);
     for (int64_t head = kv_head * p.kv_group(); head < (kv_head + 1) * p.kv_group(); ++head) {
@@ -493,6 +517,7 @@ void attention_backward_amx(const AttentionParams& p) {
       const int64_t kv_batch_head = first_head + slot;
       const int64_t kv_head = kv_batch_head % p.heads_kv, batch = kv_batch_head / p.heads_kv;
       const int64_t row_begin = chunk * chunks.rows, row_end = std::min(p.seqlen_q, row_begin + chunks.rows);
+      partials.zero_chunk(kv_batch_head, chunk);
       float* dk_chunk = partials.dk_rows(kv_batch_head, chunk);  // indexed by absolute key row
       float* dv_chunk = partials.dv_rows(kv_batch_head, chunk);
       const BFloat16* k_head = k_rows.data() + slot * key_rows * D_pad;

@@ -214,8 +214,8 @@ void attention_forward_amx(const AttentionParams& p) {
     parallel_over_blocks(pass_heads * key_chunks, no_workspace, [&](int64_t item, int) {
       const int64_t slot = item / key_chunks, key0 = (item % key_chunks) * BN;
       const int64_t batch = (first_head + slot) / p.heads_kv, kv_head = (first_head + slot) % p.heads_kv;
-      // The last chunk also covers the padding key rows up to key_rows.
       const int64_t keys = std::min(BN, p.seqlen_k - key0);
+      // The last chunk also writes the padding key rows, up to key_rows.
       const int64_t copy_end = key0 + BN < p.seqlen_k ? key0 + keys : key_rows;
       BFloat16* k_slot = k_rows + slot * key_rows * D_pad;
       BFloat16* v_t_slot = v_t + slot * Dv_pad * key_rows;
