@@ -84,20 +84,19 @@ struct QueryRows {
 };
 
 // The buffers of one thread: packed rows of q, dout (per query block of a group), k, v where the
-// inputs cannot be used in place, the S^T / P^T and dP^T / dS^T tiles, the group's dq
-// accumulators, and one tile's product before it is added to an accumulator.
+// inputs cannot be used in place, the S^T / P^T and dP^T / dS^T tiles and the group's dq
+// accumulators.
 template <typename acc_t>
 struct Workspace {
   int64_t d_pad, dv_pad;
-  Buffer<acc_t> q, dout, k, v, probs_t, dscores_t, dq, tile_grad;
+  Buffer<acc_t> q, dout, k, v, probs_t, dscores_t, dq;
 
   Workspace(int64_t D, int64_t Dv)
       : d_pad(round_up(D, Vectorized<acc_t>::size())), dv_pad(round_up(Dv, Vectorized<acc_t>::size())),
         q(kMaxGroupBlocks * kBlockQueries * d_pad, acc_t(0)), dout(kMaxGroupBlocks * kBlockQueries * dv_pad, acc_t(0)),
         k(kBlockKeys * d_pad, acc_t(0)), v(kBlockKeys * dv_pad, acc_t(0)),
         probs_t(kBlockKeys * kBlockQueries), dscores_t(kBlockKeys * kBlockQueries),
-        dq(kMaxGroupBlocks * kBlockQueries * d_pad),
-        tile_grad(std::max(kBlockKeys, kBlockQueries) * std::max(d_pad, dv_pad)) {}
+        dq(kMaxGroupBlocks * kBlockQueries * d_pad) {}
 };
 
 // How the query rows of every (batch, kv head) are cut into chunks, and the key range each chunk
@@ -133,20 +132,6 @@ struct ChunkPlan {
     }
   }
 };
-
-// accumulator[rows x ld] += A B, summed in two levels: the tile's product is formed on its own
-// and then added, so a gradient summed over n tiles of 64 rounds like a sum of n + 64 terms
-// rather than one chain of 64 n (the chain cost float64 an order of magnitude of accuracy at
-// Nq = 1024, measured against the oracle).
-template <typename acc_t>
-inline void add_product(int64_t rows, int64_t ld, int64_t depth, const acc_t* a, int64_t a_row_stride,
-                        int64_t a_k_stride, const acc_t* b, int64_t ldb, acc_t* accumulator, acc_t* tile) {
-  using Vec = Vectorized<acc_t>;
-  gemm<acc_t, Accumulate::kOverwrite>(rows, ld, depth, a, a_row_stride, a_k_stride, b, ldb, tile, ld);
-  for (int64_t i = 0; i < rows * ld; i += Vec::size()) {
-    (Vec::loadu(accumulator + i) + Vec::loadu(tile + i)).store(accumulator + i);
-  }
-}
 
 // For one tile (keys [key0, key0 + keys) given as operand rows k and v; query rows
 // [row0, row0 + rows) of batch_head) recomputes P^T = 2^(S^T * scale * log2(e) - lse_log2) and
@@ -360,11 +345,11 @@ void attention_backward_kernel(const AttentionParams& p) {
                                       scale_log2, w);
             // dv += P^T dout and dk += dS^T q (rows of the transposed tiles as A); dq += dS k, with
             // dS[i][j] = dS^T[j][i] read through strides.
-            add_product(keys, Dv_pad, rows, w.probs_t.data(), BM, 1, dout[g], dout_ld[g], dv_chunk + key0 * Dv_pad,
-                        w.tile_grad.data());
-            add_product(keys, D_pad, rows, w.dscores_t.data(), BM, 1, q[g], q_ld[g], dk_chunk + key0 * D_pad,
-                        w.tile_grad.data());
-            add_product(rows, D_pad, keys, w.dscores_t.data(), 1, BM, k, k_ld, dq, w.tile_grad.data());
+            gemm<acc_t, Accumulate::kAdd>(keys, Dv_pad, rows, w.probs_t.data(), BM, 1, dout[g], dout_ld[g],
+                                          dv_chunk + key0 * Dv_pad, Dv_pad);
+            gemm<acc_t, Accumulate::kAdd>(keys, D_pad, rows, w.dscores_t.data(), BM, 1, q[g], q_ld[g],
+                                          dk_chunk + key0 * D_pad, D_pad);
+            gemm<acc_t, Accumulate::kAdd>(rows, D_pad, keys, w.dscores_t.data(), 1, BM, k, k_ld, dq, D_pad);
           }
         }
         for (int64_t g = 0; g < members; ++g) {
