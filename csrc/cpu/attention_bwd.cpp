@@ -40,10 +40,18 @@ template <typename acc_t, typename scalar_t>
 inline void unpack_rows(acc_t* src, int64_t ld, int64_t rows, int64_t cols, acc_t multiplier,
                         scalar_t* dst, int64_t dst_row_stride) {
   using Vec = Vectorized<acc_t>;
+  constexpr int64_t L = Vec::size();
   for (int64_t r = 0; r < rows; ++r) {
     acc_t* row = src + r * ld;
-    for (int64_t c = 0; c < ld; c += Vec::size()) (Vec::loadu(row + c) * Vec(multiplier)).store(row + c);
-    at::vec::convert(row, dst + r * dst_row_stride, cols);
+    if constexpr (std::is_same_v<acc_t, scalar_t>) {  // one pass: scaled straight into the output row
+      for (int64_t c = 0; c < cols; c += L) {
+        const int count = static_cast<int>(std::min(L, cols - c));
+        (Vec::loadu(row + c) * Vec(multiplier)).store(dst + r * dst_row_stride + c, count);
+      }
+    } else {
+      for (int64_t c = 0; c < ld; c += L) (Vec::loadu(row + c) * Vec(multiplier)).store(row + c);
+      at::vec::convert(row, dst + r * dst_row_stride, cols);
+    }
   }
 }
 
