@@ -205,6 +205,10 @@ inline bool all_keys_padded(const AttentionParams& p, int64_t batch, int64_t key
   return true;
 }
 
+// The memory the AMX kernels' per-pass copies may take, and the most that a calling thread
+// keeps in one reusable_storage buffer.
+constexpr int64_t kPassBudgetBytes = 16 << 20;
+
 // How many (batch, kv head) pairs the AMX kernels copy and then attend per pass, given the bytes
 // their per-pass buffers take per pair: as many as fit in 16 MiB, at least one. Buffers for every
 // head at once (2 x 8 heads x 64k keys x 64 x 2 bytes = 134 MB of k / v^T copies in the forward)
@@ -213,18 +217,17 @@ inline bool all_keys_padded(const AttentionParams& p, int64_t batch, int64_t key
 // forward's cost per token doubled from 16k to 64k keys). A pass's query blocks are the
 // contiguous item range [first * per_kv_head, (first + count) * per_kv_head) of QueryBlock, with
 // per_kv_head = kv_group * ceil(Nq / kBlockQueries).
-constexpr int64_t kPassBudgetBytes = 16 << 20;
-
 inline int64_t kv_heads_per_pass(const AttentionParams& p, int64_t bytes_per_kv_head) {
   return std::clamp<int64_t>(kPassBudgetBytes / std::max<int64_t>(bytes_per_kv_head, 1), 1, p.batch * p.heads_kv);
 }
 
 // Storage for `count` elements that the calling thread keeps from one call to the next, one
-// buffer per `slot` (the per-pass copies of the AMX kernels). Allocated anew per call, buffers of
-// a few MiB came fresh from mmap every time, and faulting in and zeroing their pages was ~13% of
-// a bf16 forward at N = 1024 (perf, 2-core Xeon). Requests past kPassBudgetBytes (one kv head of
-// very long sequences) are not kept: `local` holds them for this call only. The contents are
-// whatever the last call left: the caller writes every element its tiles read.
+// buffer per `slot` (the AMX forward's k / v copies; the backward's panels, row statistics and
+// partial sums). Allocated anew per call, buffers of a few MiB came fresh from mmap every time,
+// and faulting in and zeroing their pages was ~13% of a bf16 forward at N = 1024 (perf, 2-core
+// Xeon). Requests past kPassBudgetBytes (long sequences) are not kept: `local` holds them for
+// this call only. The contents are whatever the last call left: the caller writes every element
+// it reads.
 template <typename T, int SLOTS>
 inline T* reusable_storage(int slot, int64_t count, Buffer<T>& local) {
   thread_local Buffer<T> kept[SLOTS];
