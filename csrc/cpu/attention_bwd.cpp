@@ -477,6 +477,7 @@ void attention_backward_amx(const AttentionParams& p) {
           dscores_vnni(BN * BM) {}
   };
   auto make_workspace = [&] { return Workspace(D_pad); };
+  const Buffer<float> dq_scale(BM, scale);  // the row scales of store_transposed_scaled: dq = scale * (dq^T)^T
 
   for (int64_t first_head = 0; first_head < kv_heads; first_head += heads_per_pass) {
     const int64_t pass_heads = std::min(heads_per_pass, kv_heads - first_head);
@@ -541,10 +542,8 @@ void attention_backward_amx(const AttentionParams& p) {
             amx_gemm<true>(D_pad, BM, BN, k_t_head + key0, key_rows, w.dscores_vnni.data(), 2 * BM, w.dq_t.data(),
                            BM);
           }
-          for (int64_t i = 0; i < rows; ++i) {
-            BFloat16* dq_row = dq_base + p.dq_strides.offset(batch, head, row0 + i);
-            for (int64_t d = 0; d < D; ++d) dq_row[d] = static_cast<BFloat16>(scale * w.dq_t[d * BM + i]);
-          }
+          store_transposed_scaled(w.dq_t.data(), BM, rows, D, dq_scale.data(),
+                                  dq_base + p.dq_strides.offset(batch, head, row0), p.dq_strides.row);
         }
       }
     });
