@@ -5,10 +5,10 @@
 // fp32 / fp64 / bf16 / fp16, head dims 1..256, strided inputs). Scores are recomputed from lse
 // (P = 2^(scale * log2(e) * S - lse * log2(e))), never stored:
 //
-//   pre-pass: delta = rowsum(dout * out); q^T and dout^T packed once (O(N * D) memory)
-//   main pass, parallel over (batch, kv head, chunk of query rows); the chunk's query blocks are
-//   taken up to 4 at a time, each key block j loaded once for them, and for every query block i
-//   of the group that key block j's window reaches:
+//   parallel over (batch, kv head, chunk of query rows); the chunk's query blocks are taken up to
+//   4 at a time, each with its q^T, dout^T and delta = rowsum(dout * out) packed once, each key
+//   block j loaded once for them, and for every query block i of the group that key block j's
+//   window reaches:
 //     dq_i += dS_ij k_j,   dk_j += dS_ij^T q_i,   dv_j += P_ij^T dout_i
 //   with dS = P * (dP - delta), dP = dout v^T: five tile products per (i, j);
 //   reduction: dk, dv = the chunks' partial sums, added in chunk order.
@@ -55,56 +55,37 @@ inline void unpack_rows(acc_t* src, int64_t ld, int64_t rows, int64_t cols, acc_
   }
 }
 
-// reusable_storage slots of the backward's fp32 / fp64 buffers: QueryRows 0-3, Partials 4-5.
-constexpr int kBackwardSlots = 6;
-
-// Per query row of the whole problem: q^T and dout^T, delta and lse * log2(e). q^T and dout^T are
-// stored as one panel per query block ([D x kBlockQueries] and [Dv x kBlockQueries], row stride
-// kBlockQueries): a panel is the B operand of a tile product, and one [D x Nq] matrix instead
-// would put its rows Nq floats apart, a power of two for common lengths, so that they all fall
-// in the same L1 sets (measured: the two products reading it ran 30% slower). Queries past Nq (up
-// to whole blocks) are padding: q^T = dout^T = 0, delta = 0 and lse_log2 = +inf, so their P is 0.
-// lse_log2 is +inf also for rows that saw no key in the forward (lse = -inf). The storage is kept
-// between calls (reusable_storage: a call's fresh buffers were page-faulted and zeroed by one
-// thread while the other waited, ~6% of a backward at N = 1024); the pre-pass writes all of it.
-template <typename acc_t>
-struct QueryRows {
-  int64_t length, head_dim, head_dim_v;  // length = Nq rounded up to whole query blocks
-  Buffer<acc_t> q_t_local, dout_t_local, delta_local, lse_log2_local;
-  acc_t *q_t, *dout_t, *delta, *lse_log2;
-
-  QueryRows(const AttentionParams& p)
-      : length(ceil_div(p.seqlen_q, kBlockQueries) * kBlockQueries), head_dim(p.head_dim),
-        head_dim_v(p.head_dim_v) {
-    const int64_t rows = p.batch * p.heads_q * length;
-    q_t = reusable_storage<acc_t, kBackwardSlots>(0, rows * head_dim, q_t_local);
-    dout_t = reusable_storage<acc_t, kBackwardSlots>(1, rows * head_dim_v, dout_t_local);
-    delta = reusable_storage<acc_t, kBackwardSlots>(2, rows, delta_local);
-    lse_log2 = reusable_storage<acc_t, kBackwardSlots>(3, rows, lse_log2_local);
-  }
-
-  // The panels of the query block starting at row0 (a multiple of kBlockQueries) of (batch, head)
-  // = batch_head, and the delta / lse_log2 entries from row0 on.
-  acc_t* q_t_at(int64_t batch_head, int64_t row0) { return q_t + (batch_head * length + row0) * head_dim; }
-  acc_t* dout_t_at(int64_t batch_head, int64_t row0) { return dout_t + (batch_head * length + row0) * head_dim_v; }
-  acc_t* delta_at(int64_t batch_head, int64_t row0) { return delta + batch_head * length + row0; }
-  acc_t* lse_log2_at(int64_t batch_head, int64_t row0) { return lse_log2 + batch_head * length + row0; }
-};
+// reusable_storage slots of the backward's fp32 / fp64 dk / dv partial sums.
+constexpr int kBackwardSlots = 2;
 
 // The buffers of one thread: packed rows of q, dout (per query block of a group), k, v where the
-// inputs cannot be used in place, the S^T / P^T and dP^T / dS^T tiles and the group's dq
-// accumulators.
+// inputs cannot be used in place, the S^T / P^T and dP^T / dS^T tiles, the group's dq
+// accumulators, and what every tile of a query block reads: q^T and dout^T (one panel per block,
+// [D x kBlockQueries] and [Dv x kBlockQueries], the B operands of S^T = k q^T and dP^T = v dout^T),
+// delta and lse * log2(e). Queries past a block's rows are padding: q^T = dout^T = 0, delta = 0
+// and lse_log2 = +inf, so their P is 0; lse_log2 is +inf also for rows that saw no key in the
+// forward (lse = -inf). Packed by the item that owns the block, where the main pass needs them:
+// a pre-pass into buffers for the whole problem cost a round trip through memory and, past the
+// caches' size, page faults on fresh buffers (fp32 window backward, N = 64k, 2-core Xeon).
 template <typename acc_t>
 struct Workspace {
   int64_t d_pad, dv_pad;
-  Buffer<acc_t> q, dout, k, v, probs_t, dscores_t, dq;
+  Buffer<acc_t> q, dout, k, v, probs_t, dscores_t, dq, q_t, dout_t, delta, lse_log2;
 
   Workspace(int64_t D, int64_t Dv)
       : d_pad(round_up(D, Vectorized<acc_t>::size())), dv_pad(round_up(Dv, Vectorized<acc_t>::size())),
         q(kMaxGroupBlocks * kBlockQueries * d_pad, acc_t(0)), dout(kMaxGroupBlocks * kBlockQueries * dv_pad, acc_t(0)),
         k(kBlockKeys * d_pad, acc_t(0)), v(kBlockKeys * dv_pad, acc_t(0)),
         probs_t(kBlockKeys * kBlockQueries), dscores_t(kBlockKeys * kBlockQueries),
-        dq(kMaxGroupBlocks * kBlockQueries * d_pad) {}
+        dq(kMaxGroupBlocks * kBlockQueries * d_pad), q_t(kMaxGroupBlocks * D * kBlockQueries),
+        dout_t(kMaxGroupBlocks * Dv * kBlockQueries), delta(kMaxGroupBlocks * kBlockQueries),
+        lse_log2(kMaxGroupBlocks * kBlockQueries) {}
+
+  // Member g's panels and row statistics.
+  acc_t* q_t_of(int64_t g, int64_t D) { return q_t.data() + g * D * kBlockQueries; }
+  acc_t* dout_t_of(int64_t g, int64_t Dv) { return dout_t.data() + g * Dv * kBlockQueries; }
+  acc_t* delta_of(int64_t g) { return delta.data() + g * kBlockQueries; }
+  acc_t* lse_log2_of(int64_t g) { return lse_log2.data() + g * kBlockQueries; }
 };
 
 // How the query rows of every (batch, kv head) are cut into chunks, and the key range each chunk
@@ -142,26 +123,23 @@ struct ChunkPlan {
 };
 
 // For one tile (keys [key0, key0 + keys) given as operand rows k and v; query rows
-// [row0, row0 + rows) of batch_head) recomputes P^T = 2^(S^T * scale * log2(e) - lse_log2) and
-// dS^T = P^T * (dP^T - delta) into the workspace.
+// [row0, row0 + rows) with their q^T / dout^T panels, lse_log2 and delta, see Workspace) recomputes
+// P^T = 2^(S^T * scale * log2(e) - lse_log2) and dS^T = P^T * (dP^T - delta) into the workspace.
 template <typename acc_t>
 inline void probabilities_and_dscores(const AttentionParams& p, int64_t batch, int64_t key0, int64_t keys,
                                       const acc_t* k, int64_t k_ld, const acc_t* v, int64_t v_ld,
-                                      QueryRows<acc_t>& query_rows, int64_t batch_head, int64_t row0,
-                                      int64_t rows, acc_t scale_log2, Workspace<acc_t>& w) {
+                                      const acc_t* q_t, const acc_t* dout_t, const acc_t* lse_log2,
+                                      const acc_t* delta, int64_t row0, int64_t rows, acc_t scale_log2,
+                                      Workspace<acc_t>& w) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t L = Vec::size();
   constexpr int64_t BM = kBlockQueries;
   const int64_t row_width = round_up(rows, L);
   acc_t* probs_t = w.probs_t.data();
   acc_t* dscores_t = w.dscores_t.data();
-  gemm<acc_t, Accumulate::kOverwrite>(keys, row_width, p.head_dim, k, k_ld, 1, query_rows.q_t_at(batch_head, row0),
-                                      BM, probs_t, BM);
+  gemm<acc_t, Accumulate::kOverwrite>(keys, row_width, p.head_dim, k, k_ld, 1, q_t, BM, probs_t, BM);
   mask_scores(p, batch, key0, keys, row0, rows, BM, probs_t);
-  gemm<acc_t, Accumulate::kOverwrite>(keys, row_width, p.head_dim_v, v, v_ld, 1,
-                                      query_rows.dout_t_at(batch_head, row0), BM, dscores_t, BM);
-  const acc_t* lse_log2 = query_rows.lse_log2_at(batch_head, row0);
-  const acc_t* delta = query_rows.delta_at(batch_head, row0);
+  gemm<acc_t, Accumulate::kOverwrite>(keys, row_width, p.head_dim_v, v, v_ld, 1, dout_t, BM, dscores_t, BM);
   const Vec scale_vec(scale_log2);
   for (int64_t c = 0; c < row_width; c += L) {
     const Vec shift = Vec::loadu(lse_log2 + c);
@@ -194,25 +172,39 @@ inline void row_statistics(const AttentionParams& p, int64_t batch, int64_t head
   }
 }
 
+// Member g's q^T and dout^T panels, delta and lse_log2 (see Workspace) for the query rows
+// [row0, row0 + rows) of (batch, head); columns [rows, kBlockQueries) are the padding queries.
+template <typename scalar_t, typename acc_t>
+inline void pack_query_block(const AttentionParams& p, int64_t batch, int64_t head, int64_t row0, int64_t rows,
+                             acc_t* q_t, acc_t* dout_t, acc_t* delta, acc_t* lse_log2) {
+  constexpr int64_t BM = kBlockQueries;
+  pack_rows_transposed(static_cast<const scalar_t*>(p.q) + p.q_strides.offset(batch, head, row0), p.q_strides.row,
+                       rows, BM, p.head_dim, q_t, BM);
+  pack_rows_transposed(static_cast<const scalar_t*>(p.dout) + p.dout_strides.offset(batch, head, row0),
+                       p.dout_strides.row, rows, BM, p.head_dim_v, dout_t, BM);
+  row_statistics<scalar_t>(p, batch, head, row0, rows, delta, lse_log2);
+  std::fill(delta + rows, delta + BM, acc_t(0));
+  std::fill(lse_log2 + rows, lse_log2 + BM, std::numeric_limits<acc_t>::infinity());
+}
+
 // The dk/dv partial sums of every chunk (fp32/fp64 rows of d_pad / dv_pad, per (batch, kv head)
 // the chunks' key ranges in order) and their reduction into dk = scale * sum, dv = sum, added in
 // chunk order, written in the output dtype.
 //
-// The storage is kept between calls (reusable_storage, as QueryRows'), so it is not zero to start
-// with: the item that owns a chunk's rows zeroes them (zero_chunk) before adding to them, in
+// The storage is kept between calls (reusable_storage), so it is not zero to start with: the item that owns a chunk's rows zeroes them (zero_chunk) before adding to them, in
 // parallel rather than one thread zeroing everything.
 template <typename acc_t>
 struct Partials {
   const ChunkPlan& chunks;
   int64_t d_pad, dv_pad;
-  Buffer<acc_t> dk_local, dv_local;
+  UninitializedBuffer<acc_t> dk_local, dv_local;
   acc_t *dk, *dv;
 
   Partials(const AttentionParams& p, const ChunkPlan& plan, int64_t d_pad_, int64_t dv_pad_)
       : chunks(plan), d_pad(d_pad_), dv_pad(dv_pad_) {
     const int64_t rows = p.batch * p.heads_kv * plan.partial_rows;
-    dk = reusable_storage<acc_t, kBackwardSlots>(4, rows * d_pad, dk_local);
-    dv = reusable_storage<acc_t, kBackwardSlots>(5, rows * dv_pad, dv_local);
+    dk = reusable_storage<acc_t, kBackwardSlots>(0, rows * d_pad, dk_local);
+    dv = reusable_storage<acc_t, kBackwardSlots>(1, rows * dv_pad, dv_local);
   }
 
   // First row of the chunk's buffers, shifted so that they can be indexed by absolute key row.
@@ -276,26 +268,6 @@ void attention_backward_kernel(const AttentionParams& p) {
   const auto* dout_base = static_cast<const scalar_t*>(p.dout);
   auto* dq_base = static_cast<scalar_t*>(p.dq);
 
-  // Pre-pass, one query block at a time: q^T, dout^T, delta and lse * log2(e).
-  QueryRows<acc_t> query_rows(p);
-  auto no_workspace = [] { return 0; };
-  parallel_over_blocks(QueryBlock::count(p), no_workspace, [&](int64_t item, int) {
-    const QueryBlock block(p, item);
-    const int64_t batch = block.batch, head = block.head, row0 = block.row0, rows = block.rows;
-    const int64_t batch_head = block.batch_head(p);
-    acc_t* dout_t = query_rows.dout_t_at(batch_head, row0);
-    // Columns [rows, BM) of the last block are the padding queries: zero.
-    pack_rows_transposed(q_base + p.q_strides.offset(batch, head, row0), p.q_strides.row, rows, BM, D,
-                         query_rows.q_t_at(batch_head, row0), BM);
-    pack_rows_transposed(dout_base + p.dout_strides.offset(batch, head, row0), p.dout_strides.row, rows, BM, Dv,
-                         dout_t, BM);
-    row_statistics<scalar_t>(p, batch, head, row0, rows, query_rows.delta_at(batch_head, row0),
-                             query_rows.lse_log2_at(batch_head, row0));
-    std::fill(query_rows.delta_at(batch_head, row0 + rows), query_rows.delta_at(batch_head, row0 + BM), acc_t(0));
-    std::fill(query_rows.lse_log2_at(batch_head, row0 + rows), query_rows.lse_log2_at(batch_head, row0 + BM),
-              std::numeric_limits<acc_t>::infinity());
-  });
-
   auto make_workspace = [&] { return Workspace<acc_t>(D, Dv); };
   const int64_t D_pad = round_up(D, Vectorized<acc_t>::size());
   const int64_t Dv_pad = round_up(Dv, Vectorized<acc_t>::size());
@@ -313,7 +285,6 @@ void attention_backward_kernel(const AttentionParams& p) {
     acc_t* dk_chunk = partials.dk_rows(kv_batch_head, chunk);  // indexed by absolute key row
     acc_t* dv_chunk = partials.dv_rows(kv_batch_head, chunk);
     for (int64_t head = kv_head * p.kv_group(); head < (kv_head + 1) * p.kv_group(); ++head) {
-      const int64_t batch_head = batch * p.heads_q + head;
       // Up to kMaxGroupBlocks query blocks at a time share each key block, so that its k and v rows
       // and its dk/dv partial rows are read once per group, not once per query block (as in the
       // forward's QueryGroups). Every accumulator still sums its tiles in the same order (dq over
@@ -330,6 +301,8 @@ void attention_backward_kernel(const AttentionParams& p) {
                                  /*b_operand=*/true, w.dout.data() + g * BM * Dv_pad, Dv_pad, &dout_ld[g]);
           q[g] = rows_operand(q_base + p.q_strides.offset(batch, head, row0), p.q_strides.row, rows, D,
                               /*b_operand=*/true, w.q.data() + g * BM * D_pad, D_pad, &q_ld[g]);
+          pack_query_block<scalar_t>(p, batch, head, row0, rows, w.q_t_of(g, D), w.dout_t_of(g, Dv), w.delta_of(g),
+                                     w.lse_log2_of(g));
           // Whole key blocks, so that each lands on the same rows of the partial buffers.
           first_key[g] = p.first_visible_key(row0) / BN * BN;
           end_key[g] = p.end_visible_key(row0 + rows - 1);
@@ -349,8 +322,8 @@ void attention_backward_kernel(const AttentionParams& p) {
             if (key0 < first_key[g] || key0 >= end_key[g]) continue;
             const int64_t row0 = group0 + g * BM, rows = std::min(BM, row_end - row0);
             acc_t* dq = w.dq.data() + g * BM * D_pad;
-            probabilities_and_dscores(p, batch, key0, keys, k, k_ld, v, v_ld, query_rows, batch_head, row0, rows,
-                                      scale_log2, w);
+            probabilities_and_dscores(p, batch, key0, keys, k, k_ld, v, v_ld, w.q_t_of(g, D), w.dout_t_of(g, Dv),
+                                      w.lse_log2_of(g), w.delta_of(g), row0, rows, scale_log2, w);
             // dv += P^T dout and dk += dS^T q (rows of the transposed tiles as A); dq += dS k, with
             // dS[i][j] = dS^T[j][i] read through strides.
             gemm<acc_t, Accumulate::kAdd>(keys, Dv_pad, rows, w.probs_t.data(), BM, 1, dout[g], dout_ld[g],

@@ -192,7 +192,7 @@ void attention_forward_amx(const AttentionParams& p) {
   const int64_t heads_per_pass = kv_heads_per_pass(p, key_rows * (D_pad + Dv_pad) * int64_t(sizeof(BFloat16)));
   // Kept between calls (reusable_storage): each copy item below also zeroes the padding of its
   // keys, and the last one the key rows past seqlen_k, so every element a tile reads is written.
-  Buffer<BFloat16> k_rows_local, v_t_local;
+  UninitializedBuffer<BFloat16> k_rows_local, v_t_local;
   BFloat16* k_rows = reusable_storage<BFloat16, 2>(0, heads_per_pass * key_rows * D_pad, k_rows_local);
   BFloat16* v_t = reusable_storage<BFloat16, 2>(1, heads_per_pass * Dv_pad * key_rows, v_t_local);
   const int64_t key_chunks = ceil_div(p.seqlen_k, BN);

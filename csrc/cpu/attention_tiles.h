@@ -17,6 +17,7 @@
 #include <limits>
 #include <new>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "attention_params.h"
@@ -36,24 +37,47 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // vector or tile row that straddles two lines costs two accesses: on the 2-core Xeon with AMX the
 // bf16 forward's inner loop per 64 x 64 block took 2.15 us with std::vector workspaces and 1.30 us
 // with aligned ones (tile stores of the score tile and vector loads of it both split).
-template <typename T>
+// VALUE_INITIALIZE false leaves the elements that a resize adds uninitialized (std::vector zeroes
+// them), for storage whose every element the kernel writes before it reads it.
+template <typename T, bool VALUE_INITIALIZE = true>
 struct CacheLineAllocator {
   using value_type = T;
+  template <typename U>
+  struct rebind {
+    using other = CacheLineAllocator<U, VALUE_INITIALIZE>;
+  };
   static constexpr std::align_val_t kAlignment{64};
   CacheLineAllocator() = default;
   template <typename U>
-  CacheLineAllocator(const CacheLineAllocator<U>&) {}
+  CacheLineAllocator(const CacheLineAllocator<U, VALUE_INITIALIZE>&) {}
   T* allocate(std::size_t count) { return static_cast<T*>(::operator new(count * sizeof(T), kAlignment)); }
   void deallocate(T* pointer, std::size_t) { ::operator delete(pointer, kAlignment); }
   template <typename U>
-  bool operator==(const CacheLineAllocator<U>&) const { return true; }
+  void construct(U* pointer) {
+    if constexpr (VALUE_INITIALIZE) {
+      ::new (static_cast<void*>(pointer)) U();
+    } else {
+      ::new (static_cast<void*>(pointer)) U;
+    }
+  }
+  template <typename U, typename... Args>
+  void construct(U* pointer, Args&&... args) {
+    ::new (static_cast<void*>(pointer)) U(std::forward<Args>(args)...);
+  }
   template <typename U>
-  bool operator!=(const CacheLineAllocator<U>&) const { return false; }
+  bool operator==(const CacheLineAllocator<U, VALUE_INITIALIZE>&) const { return true; }
+  template <typename U>
+  bool operator!=(const CacheLineAllocator<U, VALUE_INITIALIZE>&) const { return false; }
 };
 
 // The kernels' workspaces and operand copies: a std::vector whose data starts on a cache line.
 template <typename T>
 using Buffer = std::vector<T, CacheLineAllocator<T>>;
+// The same, with the elements a resize adds left uninitialized: reusable_storage's buffers. Their
+// zeroing was a pass of its own by one thread, page-faulting fresh memory, before the kernel wrote
+// every element anyway (~4% of an fp32 window backward at N = 64k, perf, 2-core Xeon).
+template <typename T>
+using UninitializedBuffer = std::vector<T, CacheLineAllocator<T, false>>;
 
 // dst[r * dst_ld + c] = src[r * src_row_stride + c] for r < rows, c < cols, converted to dst_t.
 template <typename src_t, typename dst_t>
@@ -222,18 +246,18 @@ inline int64_t kv_heads_per_pass(const AttentionParams& p, int64_t bytes_per_kv_
 }
 
 // Storage for `count` elements that the calling thread keeps from one call to the next, one
-// buffer per `slot` (the AMX forward's k / v copies; the backward's panels, row statistics and
-// partial sums). Allocated anew per call, buffers of a few MiB came fresh from mmap every time,
+// buffer per `slot` (the AMX forward's k / v copies; the backward's dk / dv partial sums).
+// Allocated anew per call, buffers of a few MiB came fresh from mmap every time,
 // and faulting in and zeroing their pages was ~13% of a bf16 forward at N = 1024 (perf, 2-core
 // Xeon). Requests past kPassBudgetBytes (long sequences) are not kept: `local` holds them for
-// this call only. The contents are whatever the last call left: the caller writes every element
-// it reads.
+// this call only. The contents are uninitialized or whatever the last call left: the caller
+// writes every element it reads.
 template <typename T, int SLOTS>
-inline T* reusable_storage(int slot, int64_t count, Buffer<T>& local) {
-  thread_local Buffer<T> kept[SLOTS];
-  Buffer<T>& buffer = count * int64_t(sizeof(T)) <= kPassBudgetBytes ? kept[slot] : local;
+inline T* reusable_storage(int slot, int64_t count, UninitializedBuffer<T>& local) {
+  thread_local UninitializedBuffer<T> kept[SLOTS];
+  UninitializedBuffer<T>& buffer = count * int64_t(sizeof(T)) <= kPassBudgetBytes ? kept[slot] : local;
   if (int64_t(buffer.size()) < count) {
-    buffer = Buffer<T>();  // frees the old buffer first rather than copying it over
+    buffer = UninitializedBuffer<T>();  // frees the old buffer first rather than copying it over
     buffer.resize(count);
   }
   return buffer.data();
