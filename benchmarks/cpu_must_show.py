@@ -176,6 +176,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="bench_out/cpu_must_show")
     parser.add_argument("--repeats", default="5", help="timed calls per contestant (median taken)")
     parser.add_argument("--warmup", default="2")
+    parser.add_argument("--min-time", default="5",
+                        help="seconds of timed rounds per setting at least (short calls: more than --repeats)")
     parser.add_argument("--only", choices=list(SWEEPS) + ["ceiling"], nargs="+", default=list(SWEEPS) + ["ceiling"])
     parser.add_argument("--recheck", action="store_true",
                         help="do not measure: check the bench.json files an earlier run left in --out")
@@ -190,7 +192,7 @@ def main(argv=None) -> int:
             table = measure_ceiling(args.out, args.recheck, ratio_results, int(args.repeats))
             report.append(f"## ceiling\n\n{table}\n")
             continue
-        bench_argv = SWEEPS[sweep] + ["--repeats", args.repeats, "--warmup", args.warmup,
+        bench_argv = SWEEPS[sweep] + ["--repeats", args.repeats, "--warmup", args.warmup, "--min-time", args.min_time,
                                       "--out", os.path.join(args.out, sweep)]
         if args.recheck:
             results, meta = read_results(os.path.join(args.out, sweep, "bench.json"))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from fastattn import masks
 from fastattn.bench import REL_ERROR_LIMIT, Case, chunked_oracle, flops, main, parse_args, run
-from fastattn.bench.cli import batch_for
+from fastattn.bench.cli import MAX_ROUNDS_PER_REPEAT, batch_for
 from fastattn.bench.contestants import Contestant, make_fastattn, make_peers, DenseMasks
 from fastattn.bench.measure import PeakMemory
 from fastattn.bench.report import Result
@@ -151,6 +151,19 @@ def test_gate_reports_wrong_contestants_and_never_times_them():
     r = by[("wrong-gradient", "fwd_bwd")]
     assert r.status == "wrong" and r.ms is None and r.note.startswith("dk rel.err")
     assert wrong_gradient.calls == calls_after_fwd + 1
+
+
+def test_min_time_adds_interleaved_rounds_up_to_its_cap():
+    timing = ["--seqlen", "48", "--cases", "full", "--modes", "fwd", "--quiet", "--repeats", "2", "--warmup", "1"]
+    counted = WrongGradient("counted")  # its forward is right: it is timed
+    results = run(parse_args(TINY + timing), [counted])
+    assert counted.calls == 1 + 1 + 2 and results[0].timed_calls == 2  # gate, warm-up, --repeats
+    counted = WrongGradient("counted")
+    results = run(parse_args(TINY + timing + ["--min-time", "60"]), [counted])
+    rounds = 2 * MAX_ROUNDS_PER_REPEAT  # 60 s is never reached: the cap ends it
+    assert counted.calls == 1 + 1 + rounds and results[0].timed_calls == rounds and results[0].status == "ok"
+    with pytest.raises(SystemExit):
+        parse_args(TINY + ["--min-time", "-1"])
 
 
 # ---- whole runs ----------------------------------------------------------------------------------

@@ -27,6 +27,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, 
 #: (warm-up calls, timed calls) when --warmup / --repeats are not given.
 DEFAULT_TIMING = {"cpu": (2, 5), "cuda": (10, 30)}
 QUICK_TIMING = (1, 3)
+#: --min-time adds rounds up to this many per --repeats.
+MAX_ROUNDS_PER_REPEAT = 20
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -59,6 +61,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help=f"smoke run: the two smallest N, warm-up/repeats {QUICK_TIMING} unless given")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default cpu 2, cuda 10)")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls, median taken (default cpu 5, cuda 30)")
+    parser.add_argument("--min-time", type=float, default=0.0,
+                        help="after the --repeats rounds of timed calls, more rounds until a setting's rounds took "
+                             f"this many seconds, at most {MAX_ROUNDS_PER_REPEAT} x --repeats in all (default 0: "
+                             "exactly --repeats): short calls get many samples, long ones --repeats")
     parser.add_argument("--max-dense-gib", type=float, default=6.0,
                         help="skip a contestant whose dense N x N tensors would need more (default 6)")
     parser.add_argument("--seed", type=int, default=0)
@@ -88,8 +94,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.seqlen = args.seqlen[:2]
     args.warmup = warmup if args.warmup is None else args.warmup
     args.repeats = repeats if args.repeats is None else args.repeats
-    if args.repeats < 1 or args.warmup < 0:
-        parser.error("--repeats must be >= 1 and --warmup >= 0")
+    if args.repeats < 1 or args.warmup < 0 or not args.min_time >= 0:
+        parser.error("--repeats must be >= 1, --warmup >= 0 and --min-time >= 0")
     args.argv = list(sys.argv[1:] if argv is None else argv)
     return args
 
@@ -249,7 +255,7 @@ def _result(entry: _Timed, setting: Setting) -> Result:
     base = entry.base
     total_flops = flops(base["batch"], base["heads"], base["seqlen"], base["seqlen"], base["head_dim"],
                         base["head_dim"], setting.case, setting.mode)
-    return Result(**base, status="ok", ms=median_ms, min_ms=min(entry.times),
+    return Result(**base, status="ok", ms=median_ms, min_ms=min(entry.times), timed_calls=len(entry.times),
                   tflops=total_flops / (median_ms * 1e-3) / 1e12, peak_mib=entry.memory.mib,
                   rel_error=entry.rel_error, compile_s=compile_s, note=entry.note)
 
@@ -258,7 +264,9 @@ def measure_setting(contestants: Sequence[Contestant], setting: Setting, oracle,
                     bases: Sequence[dict], unavailable: Dict[str, Optional[str]], progress: Progress) -> List[Result]:
     """Every contestant on one setting: each is gated and warmed up, then the timed calls are
     interleaved, repeat by repeat, in an order rotated each repeat, so that a change in the
-    machine's load (it is shared) falls on all contestants alike and the ratios stay fair."""
+    machine's load (it is shared) falls on all contestants alike and the ratios stay fair.
+    --repeats rounds, then (with --min-time) more until the rounds took that long: on a noisy
+    machine a median of 5 short calls moves by 10% from run to run."""
     outcomes: List[Union[Result, _Timed]] = []
     try:
         for contestant, base in zip(contestants, bases):
@@ -269,16 +277,21 @@ def measure_setting(contestants: Sequence[Contestant], setting: Setting, oracle,
                 outcomes.append(_gate_and_warm_up(contestant, setting, oracle, args, base))
             progress.advance()
         timed = [o for o in outcomes if isinstance(o, _Timed)]
-        for repeat in range(args.repeats):
+        rounds_most = args.repeats * (MAX_ROUNDS_PER_REPEAT if args.min_time > 0 else 1)
+        start = time.perf_counter()
+        repeat = 0
+        while timed and (repeat < args.repeats
+                         or (repeat < rounds_most and time.perf_counter() - start < args.min_time)):
             progress.describe(f"{bases[0]['dtype']} N={bases[0]['seqlen']} {bases[0]['case']} {bases[0]['mode']}: "
-                              f"timing {len(timed)} contestants, repeat {repeat + 1}/{args.repeats}")
-            shift = repeat % max(1, len(timed))
+                              f"timing {len(timed)} contestants, repeat {repeat + 1}")
+            shift = repeat % len(timed)
             for entry in timed[shift:] + timed[:shift]:
                 if entry.failure is None:
                     try:
                         entry.times.append(time_once(entry.call, setting.q.device, entry.prepare))
                     except Exception as exc:  # noqa: BLE001 (reported as the contestant's result)
                         entry.failure = _failure(entry.base, exc)
+            repeat += 1
     finally:
         for contestant in contestants:
             contestant.release()
@@ -354,7 +367,7 @@ def describe_machine(args: argparse.Namespace) -> dict:
         "device": torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else f"cpu: {_cpu_model()}",
         "cpp_build": next((b.get("build") for b in info["backends"] if b["name"] == "cpp"), None),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "warmup": args.warmup, "repeats": args.repeats,
+        "warmup": args.warmup, "repeats": args.repeats, "min_time_s": args.min_time,
         "rel_error_limits": {str(k).replace("torch.", ""): v for k, v in REL_ERROR_LIMIT.items()},
         "timing": "median of the timed calls after the warm-up calls (CUDA events on CUDA)",
         "peak_memory": "MiB above the inputs: CUDA max_memory_allocated; CPU VmHWM - VmRSS (fastattn.bench.measure)",
@@ -362,6 +375,13 @@ def describe_machine(args: argparse.Namespace) -> dict:
         "ratio": "contestant time / time of the reference fastattn contestant (ratio_to); > 1: fastattn faster",
     })
     return meta
+
+
+def _median_of_text(args: argparse.Namespace) -> str:
+    if args.min_time <= 0:
+        return str(args.repeats)
+    return (f"{args.repeats} to {args.repeats * MAX_ROUNDS_PER_REPEAT} (rounds until {args.min_time:g} s per setting; "
+            "timed_calls column)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Result]:
@@ -375,7 +395,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Result]:
     size = f"tokens={args.tokens} (B = T // N)" if args.tokens else f"B={batch_for(args, 1)}"
     say(f"fastattn {meta['fastattn']}, torch {meta['torch']}, triton {meta['triton'] or '-'}, {meta['device']}, "
         f"{meta['cpu_threads']} CPU threads")
-    say(f"{size} {heads} D={args.head_dim}, warm-up {args.warmup}, median of {args.repeats}; "
+    say(f"{size} {heads} D={args.head_dim}, warm-up {args.warmup}, median of {_median_of_text(args)}; "
         f"ratio = contestant time / {contestants[0].name} time (> 1: fastattn faster)")
     say(HEADER)
     total = len(args.dtype) * len(args.seqlen) * len(args.cases) * len(args.modes) * len(contestants)
@@ -396,7 +416,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Result]:
                 f", load average {meta['load_average'][0]:.1f} at the start, {meta['load_average_end'][0]:.1f} at the end")
             f.write(f"`{meta['command']}`\n\n{meta['device']}, {meta['cpu_threads']} threads, torch {meta['torch']}, "
                     f"fastattn {meta['fastattn']}, {meta['date']}{load}; warm-up {args.warmup}, median of "
-                    f"{args.repeats} interleaved timed calls\n\n{summary}")
+                    f"{_median_of_text(args)} interleaved timed calls\n\n{summary}")
         title = (f"fastattn.bench on {meta['device']}, {size} {heads} D={args.head_dim}, "
                  f"torch {meta['torch']}")
         paths = plot(results, args.cases, args.out, title)

@@ -40,6 +40,7 @@ class Result:
     rel_error: Optional[float] = None  # worst relative error of out (and dq, dk, dv) vs the oracle
     compile_s: Optional[float] = None  # compiling contestants: setup + first call - one timed call
     note: str = ""  # how the case is expressed, or why the status is not ok
+    timed_calls: Optional[int] = None  # calls the median was taken over (--repeats, more with --min-time)
 
 
 HEADER = (f"{'dtype':>5} {'case':>16} {'N':>6} {'B':>3} {'mode':>7} {'contestant':>17} {'ms':>10} "
