@@ -191,8 +191,9 @@ inline void pack_query_block(const AttentionParams& p, int64_t batch, int64_t he
 // the chunks' key ranges in order) and their reduction into dk = scale * sum, dv = sum, added in
 // chunk order, written in the output dtype.
 //
-// The storage is kept between calls (reusable_storage), so it is not zero to start with: the item that owns a chunk's rows zeroes them (zero_chunk) before adding to them, in
-// parallel rather than one thread zeroing everything.
+// The storage is kept between calls (reusable_storage), so it is not zero to start with: the
+// item that owns a chunk's rows zeroes them (zero_chunk) before adding to them, in parallel
+// rather than one thread zeroing everything.
 template <typename acc_t>
 struct Partials {
   const ChunkPlan& chunks;

@@ -15,8 +15,8 @@ installed. A peer that cannot run here is reported "unavailable: why", never fat
 * Time: median of --repeats calls after --warmup calls (with --min-time S, more rounds until a
   setting's timed calls took S seconds, so that short calls get many samples); the timed calls of
   all contestants are interleaved (repeat by repeat, in rotated order) so that a change in the
-  load of a shared machine falls on all alike. ``bwd`` times the backward alone (its forward runs untimed before
-  each call). TFLOP/s: forward ``2 * B * Hq * sum_i visible_keys(i)
+  load of a shared machine falls on all alike. ``bwd`` times the backward alone (its forward
+  runs untimed before each call). TFLOP/s: forward ``2 * B * Hq * sum_i visible_keys(i)
   * (D + Dv)``, backward 2.5x (DESIGN section 6). Peak memory above the inputs, in MiB, on CUDA
   and on the CPU. ratio = contestant time / fastattn time (> 1: fastattn faster).
 * Output: a table (and a progress bar) while running, a markdown summary, and with --out DIR:
