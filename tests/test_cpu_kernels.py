@@ -114,8 +114,8 @@ def test_long_keys_copied_in_passes(window):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_buffers_kept_between_calls_are_rewritten(dtype):
     """The CPU kernels keep some buffers from call to call (reusable_storage: the AMX forward's
-    k / v copies, the backward's dk / dv partial sums). A first call fills them with NaN (NaN inputs and dout, head dim 64, 64 queries, 300 keys); the
-    next, smaller one (head dim 40, 50 queries, 77 keys) must write every element it reads (padding
+    k / v copies, the backward's dk / dv partial sums). A first call fills them with NaN (NaN
+    inputs and dout, head dim 64, 64 queries, 300 keys); the next, smaller one (head dim 40, 50 queries, 77 keys) must write every element it reads (padding
     columns and rows, partial sums zeroed), or those NaN reach its output or gradients."""
     q, k, v = make_qkv(1, 2, 2, 64, 300, 64, dtype=dtype, seed=21)
     nan_inputs = [t.detach().fill_(float("nan")).requires_grad_() for t in (q, k, v)]
