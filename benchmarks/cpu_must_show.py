@@ -177,7 +177,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", default="5", help="timed calls per contestant (median taken)")
     parser.add_argument("--warmup", default="2")
     parser.add_argument("--min-time", default="5",
-                        help="seconds of timed rounds per setting at least (short calls: more than --repeats)")
+                        help="seconds of timed calls per contestant and setting at least (short calls: more than --repeats)")
     parser.add_argument("--only", choices=list(SWEEPS) + ["ceiling"], nargs="+", default=list(SWEEPS) + ["ceiling"])
     parser.add_argument("--recheck", action="store_true",
                         help="do not measure: check the bench.json files an earlier run left in --out")

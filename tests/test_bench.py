@@ -4,6 +4,7 @@ the FLOP formula and the chunked oracle. No timing is asserted, only that times 
 import csv
 import dataclasses
 import json
+import time
 
 import pytest
 import torch
@@ -164,6 +165,30 @@ def test_min_time_adds_interleaved_rounds_up_to_its_cap():
     assert counted.calls == 1 + 1 + rounds and results[0].timed_calls == rounds and results[0].status == "ok"
     with pytest.raises(SystemExit):
         parse_args(TINY + ["--min-time", "-1"])
+
+
+class Sleepy(_CountingContestant):
+    """A right output that takes at least `seconds` per call."""
+
+    def __init__(self, name, seconds):
+        super().__init__(name)
+        self.seconds = seconds
+
+    def compute(self, q, k, v):
+        time.sleep(self.seconds)
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+
+def test_min_time_counts_each_contestants_own_calls():
+    timing = ["--seqlen", "48", "--cases", "full", "--modes", "fwd", "--quiet", "--repeats", "2", "--warmup", "1",
+              "--min-time", "0.25"]
+    slow, fast = Sleepy("slow", 0.1), Sleepy("fast", 0.0)
+    results = run(parse_args(TINY + timing), [slow, fast])
+    by = {r.contestant: r for r in results}
+    # 3 calls of >= 0.1 s pass 0.25 s (2 do not, unless each overslept by 25 ms); the fast one is
+    # still short of it at the cap.
+    assert by["slow"].timed_calls == 3 and by["fast"].timed_calls == 2 * MAX_ROUNDS_PER_REPEAT
+    assert all(r.status == "ok" for r in results)
 
 
 # ---- whole runs ----------------------------------------------------------------------------------

@@ -12,10 +12,10 @@ installed. A peer that cannot run here is reported "unavailable: why", never fat
   float64 oracle computed blockwise over each query block's visible keys (cost ~ N * window);
   above the relative-error limit of the dtype (fp32 1e-4, bf16 1e-2, fp16 5e-3, fp64 1e-10) it
   is reported "wrong" and never timed.
-* Time: median of --repeats calls after --warmup calls (with --min-time S, more rounds until a
-  setting's timed calls took S seconds, so that short calls get many samples); the timed calls of
-  all contestants are interleaved (repeat by repeat, in rotated order) so that a change in the
-  load of a shared machine falls on all alike. ``bwd`` times the backward alone (its forward
+* Time: median of --repeats calls after --warmup calls (with --min-time S, more rounds for each
+  contestant until its own timed calls took S seconds, so that short calls get many samples);
+  the timed calls of all contestants are interleaved (repeat by repeat, in rotated order) so that
+  a change in the load of a shared machine falls on all alike. ``bwd`` times the backward alone (its forward
   runs untimed before each call). TFLOP/s: forward ``2 * B * Hq * sum_i visible_keys(i)
   * (D + Dv)``, backward 2.5x (DESIGN section 6). Peak memory above the inputs, in MiB, on CUDA
   and on the CPU. ratio = contestant time / fastattn time (> 1: fastattn faster).

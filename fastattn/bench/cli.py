@@ -62,9 +62,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default cpu 2, cuda 10)")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls, median taken (default cpu 5, cuda 30)")
     parser.add_argument("--min-time", type=float, default=0.0,
-                        help="after the --repeats rounds of timed calls, more rounds until a setting's rounds took "
-                             f"this many seconds, at most {MAX_ROUNDS_PER_REPEAT} x --repeats in all (default 0: "
-                             "exactly --repeats): short calls get many samples, long ones --repeats")
+                        help="after the --repeats rounds of timed calls, more rounds for each contestant whose timed "
+                             f"calls took less than this many seconds, at most {MAX_ROUNDS_PER_REPEAT} x --repeats "
+                             "calls in all (default 0: exactly --repeats): short calls get many samples, long ones "
+                             "--repeats")
     parser.add_argument("--max-dense-gib", type=float, default=6.0,
                         help="skip a contestant whose dense N x N tensors would need more (default 6)")
     parser.add_argument("--seed", type=int, default=0)
@@ -265,8 +266,11 @@ def measure_setting(contestants: Sequence[Contestant], setting: Setting, oracle,
     """Every contestant on one setting: each is gated and warmed up, then the timed calls are
     interleaved, repeat by repeat, in an order rotated each repeat, so that a change in the
     machine's load (it is shared) falls on all contestants alike and the ratios stay fair.
-    --repeats rounds, then (with --min-time) more until the rounds took that long: on a noisy
-    machine a median of 5 short calls moves by 10% from run to run."""
+    --repeats rounds, then (with --min-time) more rounds for each contestant whose own timed calls
+    took less than that, up to the cap: on a noisy machine a median of 5 short calls moves by 10%
+    from run to run. A contestant leaves the extra rounds once it has its time, so contestants of
+    similar speed stay interleaved to the end while a much slower one (sdpa-math) stops early and
+    no longer stretches every round (it did when the rule counted the whole round's time)."""
     outcomes: List[Union[Result, _Timed]] = []
     try:
         for contestant, base in zip(contestants, bases):
@@ -278,19 +282,23 @@ def measure_setting(contestants: Sequence[Contestant], setting: Setting, oracle,
             progress.advance()
         timed = [o for o in outcomes if isinstance(o, _Timed)]
         rounds_most = args.repeats * (MAX_ROUNDS_PER_REPEAT if args.min_time > 0 else 1)
-        start = time.perf_counter()
+
+        def wants_more(entry: _Timed) -> bool:
+            return len(entry.times) < rounds_most and sum(entry.times) < 1e3 * args.min_time
+
         repeat = 0
-        while timed and (repeat < args.repeats
-                         or (repeat < rounds_most and time.perf_counter() - start < args.min_time)):
+        while True:
+            in_round = [e for e in timed if e.failure is None and (repeat < args.repeats or wants_more(e))]
+            if not in_round:
+                break
             progress.describe(f"{bases[0]['dtype']} N={bases[0]['seqlen']} {bases[0]['case']} {bases[0]['mode']}: "
-                              f"timing {len(timed)} contestants, repeat {repeat + 1}")
-            shift = repeat % len(timed)
-            for entry in timed[shift:] + timed[:shift]:
-                if entry.failure is None:
-                    try:
-                        entry.times.append(time_once(entry.call, setting.q.device, entry.prepare))
-                    except Exception as exc:  # noqa: BLE001 (reported as the contestant's result)
-                        entry.failure = _failure(entry.base, exc)
+                              f"timing {len(in_round)} contestants, repeat {repeat + 1}")
+            shift = repeat % len(in_round)
+            for entry in in_round[shift:] + in_round[:shift]:
+                try:
+                    entry.times.append(time_once(entry.call, setting.q.device, entry.prepare))
+                except Exception as exc:  # noqa: BLE001 (reported as the contestant's result)
+                    entry.failure = _failure(entry.base, exc)
             repeat += 1
     finally:
         for contestant in contestants:
@@ -380,7 +388,7 @@ def describe_machine(args: argparse.Namespace) -> dict:
 def _median_of_text(args: argparse.Namespace) -> str:
     if args.min_time <= 0:
         return str(args.repeats)
-    return (f"{args.repeats} to {args.repeats * MAX_ROUNDS_PER_REPEAT} (rounds until {args.min_time:g} s per setting; "
+    return (f"{args.repeats} to {args.repeats * MAX_ROUNDS_PER_REPEAT} (rounds until {args.min_time:g} s per contestant; "
             "timed_calls column)")
 
 
