@@ -79,6 +79,38 @@ def test_query_groups(seqlens, window, padded):
     check_against_oracle(q, k, v, backend=BACKEND, key_padding_mask=padding, **window_kwargs(window, seqlen_k))
 
 
+@pytest.mark.parametrize("seqlens, window, padded", [
+    ((1100, 1100), (40, 40), False),
+    ((1100, 1100), (3, 7), True),
+    ((1100, 1100), (600, 600), False),
+    ((1000, 1300), (100, 0), False),
+    ((1000, 1300), (0, 100), True),
+    ((1300, 1000), (100, 0), True),
+    ((1300, 1000), (0, 100), False),
+], ids=str)
+def test_backward_key_ring(seqlens, window, padded):
+    """8 (batch, kv head) pairs cut the query rows into 2 chunks of 576 or 704 rows each: with a
+    window narrower than a chunk, the backward sums dk / dv in a ring of key blocks, writes the
+    keys only one chunk reaches straight to dk / dv and leaves the keys of both chunks to the
+    reduction (ChunkAccumulator, csrc/cpu/attention_bwd.cpp); (600, 600) reaches the whole
+    chunk, which then sums in place. GQA (2 query heads per kv head) runs inside the ring. The
+    gradients are bitwise the same on one thread, which interleaves the chunks differently."""
+    seqlen_q, seqlen_k = seqlens
+    q, k, v = make_qkv(1, 16, 8, seqlen_q, seqlen_k, 32, seed=seqlen_q + window[0])
+    padding = random_padding_mask(1, seqlen_k, fraction=0.3, seed=seqlen_k) if padded else None
+    dout = torch.randn(1, 16, seqlen_q, 32)
+    *_, grads = check_against_oracle(q, k, v, backend=BACKEND, key_padding_mask=padding, window=window, dout=dout)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        fastattn.attention(*leaves, backend=BACKEND, key_padding_mask=padding, window=window).backward(dout)
+    finally:
+        torch.set_num_threads(threads)
+    for name, grad, single_thread in zip("qkv", grads, leaves):
+        assert torch.equal(grad, single_thread.grad), f"d{name} depends on the thread count"
+
+
 @pytest.mark.parametrize("backend", [BACKEND, "reference"])
 @pytest.mark.parametrize("window", [None, (16, 16)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)

@@ -11,10 +11,13 @@
 //   window reaches:
 //     dq_i += dS_ij k_j,   dk_j += dS_ij^T q_i,   dv_j += P_ij^T dout_i
 //   with dS = P * (dP - delta), dP = dout v^T: five tile products per (i, j);
-//   reduction: dk, dv = the chunks' partial sums, added in chunk order.
+//   reduction: a key block that only one chunk reaches is written to dk, dv by that chunk once
+//   its query groups are past it; the others are the chunks' partial sums, added in chunk order.
 //
 // Tiles are computed transposed (S^T = k q^T, dP^T = v dout^T), as in the forward. A chunk owns
-// its dq rows outright and its own dk/dv partial buffers, so there are no atomics. The number of
+// its dq rows outright, the dk/dv rows of its exclusive key blocks and its own dk/dv partial
+// buffers, so there are no atomics. With a sliding window a chunk's live dk/dv sums are a ring of
+// a few key blocks that stays in L2 (ChunkAccumulator). The number of
 // chunks is a function of the shape alone (enough work items for 16 threads, chunks of at least
 // 256 rows, partial buffers within a memory budget), so results are bitwise identical run after
 // run and for any thread count. Only blocks inside the window are visited (cost ~ N * window).
@@ -60,9 +63,10 @@ constexpr int kBackwardSlots = 2;
 
 // The buffers of one thread: packed rows of q, dout (per query block of a group), k, v where the
 // inputs cannot be used in place, the S^T / P^T and dP^T / dS^T tiles, the group's dq
-// accumulators, and what every tile of a query block reads: q^T and dout^T (one panel per block,
-// [D x kBlockQueries] and [Dv x kBlockQueries], the B operands of S^T = k q^T and dP^T = v dout^T),
-// delta and lse * log2(e). Queries past a block's rows are padding: q^T = dout^T = 0, delta = 0
+// accumulators, the ring of dk / dv sums of a sliding window (ChunkAccumulator), and what every
+// tile of a query block reads: q^T and dout^T (one panel per block, [D x kBlockQueries] and
+// [Dv x kBlockQueries], the B operands of S^T = k q^T and dP^T = v dout^T), delta and
+// lse * log2(e). Queries past a block's rows are padding: q^T = dout^T = 0, delta = 0
 // and lse_log2 = +inf, so their P is 0; lse_log2 is +inf also for rows that saw no key in the
 // forward (lse = -inf). Packed by the item that owns the block, where the main pass needs them:
 // a pre-pass into buffers for the whole problem cost a round trip through memory and, past the
@@ -71,15 +75,17 @@ template <typename acc_t>
 struct Workspace {
   int64_t d_pad, dv_pad;
   Buffer<acc_t> q, dout, k, v, probs_t, dscores_t, dq, q_t, dout_t, delta, lse_log2;
+  UninitializedBuffer<acc_t> ring_dk, ring_dv;  // ChunkAccumulator's ring (zeroed block by block)
 
-  Workspace(int64_t D, int64_t Dv)
+  Workspace(int64_t D, int64_t Dv, int64_t ring_blocks)
       : d_pad(round_up(D, Vectorized<acc_t>::size())), dv_pad(round_up(Dv, Vectorized<acc_t>::size())),
         q(kMaxGroupBlocks * kBlockQueries * d_pad, acc_t(0)), dout(kMaxGroupBlocks * kBlockQueries * dv_pad, acc_t(0)),
         k(kBlockKeys * d_pad, acc_t(0)), v(kBlockKeys * dv_pad, acc_t(0)),
         probs_t(kBlockKeys * kBlockQueries), dscores_t(kBlockKeys * kBlockQueries),
         dq(kMaxGroupBlocks * kBlockQueries * d_pad), q_t(kMaxGroupBlocks * D * kBlockQueries),
         dout_t(kMaxGroupBlocks * Dv * kBlockQueries), delta(kMaxGroupBlocks * kBlockQueries),
-        lse_log2(kMaxGroupBlocks * kBlockQueries) {}
+        lse_log2(kMaxGroupBlocks * kBlockQueries), ring_dk(ring_blocks * kBlockKeys * d_pad),
+        ring_dv(ring_blocks * kBlockKeys * dv_pad) {}
 
   // Member g's panels and row statistics.
   acc_t* q_t_of(int64_t g, int64_t D) { return q_t.data() + g * D * kBlockQueries; }
@@ -88,13 +94,25 @@ struct Workspace {
   acc_t* lse_log2_of(int64_t g) { return lse_log2.data() + g * kBlockQueries; }
 };
 
-// How the query rows of every (batch, kv head) are cut into chunks, and the key range each chunk
-// reaches (whole key blocks), where its dk/dv partial sums live.
+// How the query rows of every (batch, kv head) are cut into chunks, the key range each chunk
+// reaches (whole key blocks), where its dk/dv partial sums live, the key blocks that no other
+// chunk reaches (their sums are final once the chunk is done with them), and the ring size of a
+// sliding window (see ChunkAccumulator).
 struct ChunkPlan {
-  int64_t count = 0, rows = 0;                 // chunks, query rows per chunk (whole blocks)
-  std::vector<int64_t> key_begin, key_end;     // per chunk, whole key blocks (may pass Nk)
-  std::vector<int64_t> offset;                 // per chunk: first key row of its partial buffer
-  int64_t partial_rows = 0;                    // sum of the chunks' key ranges
+  static constexpr int64_t kGroupRows = kMaxGroupBlocks * kBlockQueries;  // query rows of one group
+  int64_t count = 0, rows = 0;                    // chunks, query rows per chunk (whole blocks)
+  std::vector<int64_t> key_begin, key_end;        // per chunk, whole key blocks (may pass Nk)
+  std::vector<int64_t> exclusive_begin, exclusive_end;  // per chunk, the key rows no other chunk reaches
+  std::vector<int64_t> offset;                    // per chunk: first key row of its partial buffer
+  int64_t partial_rows = 0;                       // sum of the chunks' key ranges
+  int64_t ring_blocks = 0;                        // 0: chunks sum in their partial rows
+
+  // The key blocks [first, end) that the query rows [row0, row_end) reach; end >= first. Both
+  // ends only move up with row0 and row_end (the window is the same for every row).
+  static std::pair<int64_t, int64_t> key_blocks(const AttentionParams& p, int64_t row0, int64_t row_end) {
+    const int64_t first = p.first_visible_key(row0) / kBlockKeys;
+    return {first, std::max(first, ceil_div(p.end_visible_key(row_end - 1), kBlockKeys))};
+  }
 
   ChunkPlan(const AttentionParams& p, int64_t row_bytes) {
     constexpr int64_t kTargetItems = 16;             // work items to aim for: threads of a large CPU
@@ -109,16 +127,43 @@ struct ChunkPlan {
     wanted = std::max<int64_t>(1, wanted);
     rows = round_up(ceil_div(p.seqlen_q, wanted), kBlockQueries);
     count = ceil_div(p.seqlen_q, rows);
+    int64_t widest_group = 0, widest_chunk = 0;  // in key blocks
     for (int64_t c = 0; c < count; ++c) {
       const int64_t row_begin = c * rows, row_end = std::min(p.seqlen_q, row_begin + rows);
-      const int64_t first = p.first_visible_key(row_begin) / kBlockKeys * kBlockKeys;
       // Whole blocks: a tile product writes all rows of the key block it covers.
-      const int64_t end = round_up(std::max(first, p.end_visible_key(row_end - 1)), kBlockKeys);
-      key_begin.push_back(first);
-      key_end.push_back(end);
+      const auto [first, end] = key_blocks(p, row_begin, row_end);
+      key_begin.push_back(first * kBlockKeys);
+      key_end.push_back(end * kBlockKeys);
       offset.push_back(partial_rows);
-      partial_rows += end - first;
+      partial_rows += (end - first) * kBlockKeys;
+      widest_chunk = std::max(widest_chunk, end - first);
+      for (int64_t group0 = row_begin; group0 < row_end; group0 += kGroupRows) {
+        const auto [group_first, group_end] = key_blocks(p, group0, std::min(row_end, group0 + kGroupRows));
+        widest_group = std::max(widest_group, group_end - group_first);
+      }
     }
+    // A key is exclusive to chunk c when no other chunk's range holds it: past the ranges of the
+    // chunks before c and before those of the chunks after it (ranges only move up with c).
+    exclusive_begin.resize(count);
+    exclusive_end.resize(count);
+    int64_t reached_before = 0, reached_after = std::numeric_limits<int64_t>::max();
+    for (int64_t c = 0; c < count; ++c) {
+      exclusive_begin[c] = std::min(std::max(key_begin[c], reached_before), key_end[c]);
+      reached_before = std::max(reached_before, key_end[c]);
+    }
+    for (int64_t c = count - 1; c >= 0; --c) {
+      exclusive_end[c] = std::max(exclusive_begin[c], std::min(key_end[c], reached_after));
+      reached_after = std::min(reached_after, key_begin[c]);
+    }
+    ring_blocks = widest_group < widest_chunk ? widest_group : 0;
+  }
+
+  // True when the key block at key0 is exclusive to one chunk.
+  bool exclusive(int64_t key0) const {
+    for (int64_t c = 0; c < count; ++c) {
+      if (key0 >= exclusive_begin[c] && key0 < exclusive_end[c]) return true;
+    }
+    return false;
   }
 };
 
@@ -189,11 +234,14 @@ inline void pack_query_block(const AttentionParams& p, int64_t batch, int64_t he
 
 // The dk/dv partial sums of every chunk (fp32/fp64 rows of d_pad / dv_pad, per (batch, kv head)
 // the chunks' key ranges in order) and their reduction into dk = scale * sum, dv = sum, added in
-// chunk order, written in the output dtype.
+// chunk order, written in the output dtype, for the keys that no chunk wrote out itself
+// (ChunkAccumulator writes its exclusive key blocks straight to dk / dv).
 //
 // The storage is kept between calls (reusable_storage), so it is not zero to start with: the
-// item that owns a chunk's rows zeroes them (zero_chunk) before adding to them, in parallel
-// rather than one thread zeroing everything.
+// item that owns a chunk's rows zeroes each key block as it starts on it (ChunkAccumulator), in
+// parallel rather than one thread zeroing everything. Rows that no item touches (the exclusive
+// blocks of a chunk that sums in a ring) are never read either, and a fresh buffer's pages of
+// them are never faulted in.
 template <typename acc_t>
 struct Partials {
   const ChunkPlan& chunks;
@@ -214,11 +262,6 @@ struct Partials {
   }
   acc_t* dk_rows(int64_t kv_batch_head, int64_t chunk) { return dk + row_origin(kv_batch_head, chunk) * d_pad; }
   acc_t* dv_rows(int64_t kv_batch_head, int64_t chunk) { return dv + row_origin(kv_batch_head, chunk) * dv_pad; }
-  void zero_chunk(int64_t kv_batch_head, int64_t chunk) {
-    const int64_t first = chunks.key_begin[chunk], end = chunks.key_end[chunk];
-    std::fill(dk_rows(kv_batch_head, chunk) + first * d_pad, dk_rows(kv_batch_head, chunk) + end * d_pad, acc_t(0));
-    std::fill(dv_rows(kv_batch_head, chunk) + first * dv_pad, dv_rows(kv_batch_head, chunk) + end * dv_pad, acc_t(0));
-  }
 
   template <typename scalar_t>
   void reduce_into(const AttentionParams& p, acc_t scale) const {
@@ -230,6 +273,7 @@ struct Partials {
       const int64_t key_block = item % key_blocks, kv_batch_head = item / key_blocks;
       const int64_t kv_head = kv_batch_head % p.heads_kv, batch = kv_batch_head / p.heads_kv;
       const int64_t key0 = key_block * BN, keys = std::min(BN, p.seqlen_k - key0);
+      if (chunks.exclusive(key0)) return;  // written by the chunk that owns it
       Buffer<acc_t> dk_sum(keys * d_pad, acc_t(0)), dv_sum(keys * dv_pad, acc_t(0));
       for (int64_t chunk = 0; chunk < chunks.count; ++chunk) {
         const int64_t first = std::max(key0, chunks.key_begin[chunk]);
@@ -252,6 +296,87 @@ struct Partials {
   }
 };
 
+// The dk / dv sums of one chunk while its query groups run in order. A group reaches the key
+// blocks [first, end) of ChunkPlan::key_blocks, and both ends only move up from one group to the
+// next, so the blocks below a group's first are final for this chunk (cover() retires them).
+// With a sliding window, ChunkPlan::ring_blocks of them are live at a time: the chunk then sums
+// in a ring of that many blocks in the thread's workspace (~400 KiB for fp32, D = 64, window
+// (256, 256): it stays in L2), and a retired block goes to dk / dv if it is exclusive to the chunk
+// and to the chunk's partial rows if another chunk reaches it too. Without a ring (full and
+// causal attention, where a group reaches all of the chunk's keys) the chunk sums in its partial
+// rows; its exclusive blocks are still written out when retired, so that Partials::reduce_into
+// adds up only the keys that chunks share. Before the ring every chunk kept partial rows for its
+// whole key range: at N = 64k (fp32, 8 heads, D = 64) 270 MB of fresh pages per call, page-faulted
+// in, written and read back from memory by a separate reduction.
+template <typename acc_t, typename scalar_t>
+class ChunkAccumulator {
+ public:
+  // ring_dk / ring_dv: ChunkPlan::ring_blocks key blocks of rows each, or null to sum in place.
+  ChunkAccumulator(const AttentionParams& p, Partials<acc_t>& partials, int64_t kv_batch_head, int64_t chunk,
+                   acc_t* ring_dk, acc_t* ring_dv)
+      : p_(p), partials_(partials), kv_batch_head_(kv_batch_head), chunk_(chunk), ring_dk_(ring_dk),
+        ring_dv_(ring_dv), ring_blocks_(ring_dk == nullptr ? 0 : partials.chunks.ring_blocks),
+        chunk_end_(partials.chunks.key_end[chunk] / kBlockKeys),
+        live_begin_(partials.chunks.key_begin[chunk] / kBlockKeys), live_end_(live_begin_) {}
+
+  // The next group reaches key blocks [first, end): retires the blocks below first and zeroes those
+  // up to end as they start.
+  void cover(int64_t first, int64_t end) {
+    first = std::min(first, chunk_end_);
+    for (end = std::min(end, chunk_end_); live_end_ < end; ++live_end_) {
+      retire_below(std::min(first, live_end_));  // frees the ring slot before it is reused
+      std::fill(dk_block(live_end_ * kBlockKeys), dk_block(live_end_ * kBlockKeys) + kBlockKeys * partials_.d_pad,
+                acc_t(0));
+      std::fill(dv_block(live_end_ * kBlockKeys), dv_block(live_end_ * kBlockKeys) + kBlockKeys * partials_.dv_pad,
+                acc_t(0));
+    }
+    retire_below(std::min(first, live_end_));
+  }
+  void finish() { retire_below(live_end_); }
+
+  // The rows of the live key block at key0.
+  acc_t* dk_block(int64_t key0) {
+    return block_rows(ring_dk_, partials_.dk_rows(kv_batch_head_, chunk_), key0, partials_.d_pad);
+  }
+  acc_t* dv_block(int64_t key0) {
+    return block_rows(ring_dv_, partials_.dv_rows(kv_batch_head_, chunk_), key0, partials_.dv_pad);
+  }
+
+ private:
+  acc_t* block_rows(acc_t* ring, acc_t* chunk_rows, int64_t key0, int64_t ld) const {
+    if (ring_blocks_ == 0) return chunk_rows + key0 * ld;  // indexed by absolute key row
+    return ring + (key0 / kBlockKeys % ring_blocks_) * kBlockKeys * ld;
+  }
+
+  void retire_below(int64_t block) {
+    for (; live_begin_ < block; ++live_begin_) retire(live_begin_ * kBlockKeys);
+  }
+
+  void retire(int64_t key0) {
+    const ChunkPlan& chunks = partials_.chunks;
+    const int64_t d_pad = partials_.d_pad, dv_pad = partials_.dv_pad;
+    if (key0 >= chunks.exclusive_begin[chunk_] && key0 < chunks.exclusive_end[chunk_]) {
+      const int64_t keys = std::min(kBlockKeys, p_.seqlen_k - key0);
+      if (keys <= 0) return;
+      const int64_t batch = kv_batch_head_ / p_.heads_kv, kv_head = kv_batch_head_ % p_.heads_kv;
+      unpack_rows(dk_block(key0), d_pad, keys, p_.head_dim, static_cast<acc_t>(p_.scale),
+                  static_cast<scalar_t*>(p_.dk) + p_.dk_strides.offset(batch, kv_head, key0), p_.dk_strides.row);
+      unpack_rows(dv_block(key0), dv_pad, keys, p_.head_dim_v, acc_t(1),
+                  static_cast<scalar_t*>(p_.dv) + p_.dv_strides.offset(batch, kv_head, key0), p_.dv_strides.row);
+    } else if (ring_blocks_ > 0) {
+      std::copy_n(dk_block(key0), kBlockKeys * d_pad, partials_.dk_rows(kv_batch_head_, chunk_) + key0 * d_pad);
+      std::copy_n(dv_block(key0), kBlockKeys * dv_pad, partials_.dv_rows(kv_batch_head_, chunk_) + key0 * dv_pad);
+    }
+  }
+
+  const AttentionParams& p_;
+  Partials<acc_t>& partials_;
+  const int64_t kv_batch_head_, chunk_;
+  acc_t *const ring_dk_, *const ring_dv_;
+  const int64_t ring_blocks_, chunk_end_;
+  int64_t live_begin_, live_end_;  // the live key blocks
+};
+
 template <typename scalar_t>
 void attention_backward_kernel(const AttentionParams& p) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -269,11 +394,11 @@ void attention_backward_kernel(const AttentionParams& p) {
   const auto* dout_base = static_cast<const scalar_t*>(p.dout);
   auto* dq_base = static_cast<scalar_t*>(p.dq);
 
-  auto make_workspace = [&] { return Workspace<acc_t>(D, Dv); };
   const int64_t D_pad = round_up(D, Vectorized<acc_t>::size());
   const int64_t Dv_pad = round_up(Dv, Vectorized<acc_t>::size());
   const ChunkPlan chunks(p, (D_pad + Dv_pad) * int64_t(sizeof(acc_t)));
   Partials<acc_t> partials(p, chunks, D_pad, Dv_pad);
+  auto make_workspace = [&] { return Workspace<acc_t>(D, Dv, chunks.ring_blocks); };
 
   // Main pass: each item is one chunk of query rows of one (batch, kv head), for every query head
   // of its GQA group.
@@ -282,20 +407,32 @@ void attention_backward_kernel(const AttentionParams& p) {
     const int64_t kv_batch_head = item / chunks.count;
     const int64_t kv_head = kv_batch_head % p.heads_kv, batch = kv_batch_head / p.heads_kv;
     const int64_t row_begin = chunk * chunks.rows, row_end = std::min(p.seqlen_q, row_begin + chunks.rows);
-    partials.zero_chunk(kv_batch_head, chunk);
-    acc_t* dk_chunk = partials.dk_rows(kv_batch_head, chunk);  // indexed by absolute key row
-    acc_t* dv_chunk = partials.dv_rows(kv_batch_head, chunk);
-    for (int64_t head = kv_head * p.kv_group(); head < (kv_head + 1) * p.kv_group(); ++head) {
-      // Up to kMaxGroupBlocks query blocks at a time share each key block, so that its k and v rows
-      // and its dk/dv partial rows are read once per group, not once per query block (as in the
-      // forward's QueryGroups). Every accumulator still sums its tiles in the same order (dq over
-      // key blocks, the chunk's dk/dv over query blocks), so the results do not depend on it.
-      for (int64_t group0 = row_begin; group0 < row_end; group0 += kMaxGroupBlocks * BM) {
-        const int64_t members = std::min(kMaxGroupBlocks, ceil_div(row_end - group0, BM));
+    ChunkAccumulator<acc_t, scalar_t> key_sums(p, partials, kv_batch_head, chunk,
+                                               chunks.ring_blocks > 0 ? w.ring_dk.data() : nullptr,
+                                               chunks.ring_blocks > 0 ? w.ring_dv.data() : nullptr);
+    // Up to kMaxGroupBlocks query blocks at a time share each key block, so that its k and v rows
+    // and its dk/dv rows are read once per group, not once per query block (as in the forward's
+    // QueryGroups). The GQA group's heads run inside the loop over query groups, so that a key
+    // block is final for all of them once the groups are past it. Every accumulator sums its tiles
+    // in an order fixed by the shape (dq over key blocks; the chunk's dk/dv over query groups, then
+    // heads, then query blocks), so the results do not depend on the thread count.
+    for (int64_t group0 = row_begin; group0 < row_end; group0 += ChunkPlan::kGroupRows) {
+      const int64_t group_end = std::min(row_end, group0 + ChunkPlan::kGroupRows);
+      const int64_t members = ceil_div(group_end - group0, BM);
+      int64_t first_key[kMaxGroupBlocks], end_key[kMaxGroupBlocks];
+      for (int64_t g = 0; g < members; ++g) {
+        const int64_t row0 = group0 + g * BM, rows = std::min(BM, row_end - row0);
+        // Whole key blocks, so that each lands on the same rows of the dk/dv sums.
+        first_key[g] = p.first_visible_key(row0) / BN * BN;
+        end_key[g] = p.end_visible_key(row0 + rows - 1);
+      }
+      const int64_t group_key_end = *std::max_element(end_key, end_key + members);
+      const auto [first_block, end_block] = ChunkPlan::key_blocks(p, group0, group_end);
+      key_sums.cover(first_block, end_block);
+      for (int64_t head = kv_head * p.kv_group(); head < (kv_head + 1) * p.kv_group(); ++head) {
         const acc_t* q[kMaxGroupBlocks];
         const acc_t* dout[kMaxGroupBlocks];
         int64_t q_ld[kMaxGroupBlocks], dout_ld[kMaxGroupBlocks];
-        int64_t first_key[kMaxGroupBlocks], end_key[kMaxGroupBlocks];
         for (int64_t g = 0; g < members; ++g) {
           const int64_t row0 = group0 + g * BM, rows = std::min(BM, row_end - row0);
           dout[g] = rows_operand(dout_base + p.dout_strides.offset(batch, head, row0), p.dout_strides.row, rows, Dv,
@@ -304,13 +441,9 @@ void attention_backward_kernel(const AttentionParams& p) {
                               /*b_operand=*/true, w.q.data() + g * BM * D_pad, D_pad, &q_ld[g]);
           pack_query_block<scalar_t>(p, batch, head, row0, rows, w.q_t_of(g, D), w.dout_t_of(g, Dv), w.delta_of(g),
                                      w.lse_log2_of(g));
-          // Whole key blocks, so that each lands on the same rows of the partial buffers.
-          first_key[g] = p.first_visible_key(row0) / BN * BN;
-          end_key[g] = p.end_visible_key(row0 + rows - 1);
         }
         std::fill(w.dq.begin(), w.dq.end(), acc_t(0));
-        const int64_t group_key_end = *std::max_element(end_key, end_key + members);
-        for (int64_t key0 = *std::min_element(first_key, first_key + members); key0 < group_key_end; key0 += BN) {
+        for (int64_t key0 = first_block * BN; key0 < group_key_end; key0 += BN) {
           const int64_t keys = std::min(BN, p.seqlen_k - key0);
           if (all_keys_padded(p, batch, key0, keys)) continue;
           int64_t k_ld, v_ld;
@@ -328,9 +461,9 @@ void attention_backward_kernel(const AttentionParams& p) {
             // dv += P^T dout and dk += dS^T q (rows of the transposed tiles as A); dq += dS k, with
             // dS[i][j] = dS^T[j][i] read through strides.
             gemm<acc_t, Accumulate::kAdd>(keys, Dv_pad, rows, w.probs_t.data(), BM, 1, dout[g], dout_ld[g],
-                                          dv_chunk + key0 * Dv_pad, Dv_pad);
+                                          key_sums.dv_block(key0), Dv_pad);
             gemm<acc_t, Accumulate::kAdd>(keys, D_pad, rows, w.dscores_t.data(), BM, 1, q[g], q_ld[g],
-                                          dk_chunk + key0 * D_pad, D_pad);
+                                          key_sums.dk_block(key0), D_pad);
             gemm<acc_t, Accumulate::kAdd>(rows, D_pad, keys, w.dscores_t.data(), 1, BM, k, k_ld, dq, D_pad);
           }
         }
@@ -341,6 +474,7 @@ void attention_backward_kernel(const AttentionParams& p) {
         }
       }
     }
+    key_sums.finish();
   });
 
   partials.template reduce_into<scalar_t>(p, scale);
@@ -485,9 +619,9 @@ void attention_backward_amx(const AttentionParams& p) {
       const int64_t kv_batch_head = first_head + slot;
       const int64_t kv_head = kv_batch_head % p.heads_kv, batch = kv_batch_head / p.heads_kv;
       const int64_t row_begin = chunk * chunks.rows, row_end = std::min(p.seqlen_q, row_begin + chunks.rows);
-      partials.zero_chunk(kv_batch_head, chunk);
-      float* dk_chunk = partials.dk_rows(kv_batch_head, chunk);  // indexed by absolute key row
-      float* dv_chunk = partials.dv_rows(kv_batch_head, chunk);
+      // Sums in place (no ring): its query blocks run head by head, each over the whole chunk.
+      ChunkAccumulator<float, BFloat16> key_sums(p, partials, kv_batch_head, chunk, nullptr, nullptr);
+      key_sums.cover(chunks.key_begin[chunk] / BN, chunks.key_end[chunk] / BN);
       const BFloat16* k_head = k_rows.data() + slot * key_rows * D_pad;
       const BFloat16* v_head = v_rows.data() + slot * key_rows * Dv_pad;
       const BFloat16* k_t_head = k_t.data() + slot * D_pad * key_rows;
@@ -510,9 +644,9 @@ void attention_backward_amx(const AttentionParams& p) {
                                           delta.data() + q_slot * Nq_pad + row0, scale_log2, w.probs.data(),
                                           w.dscores.data(), w.dscores_vnni.data());
             amx_gemm<true>(BN, Dv_pad, BM, w.probs.data(), BM, panels.dout_pairs_at(q_slot, row0), 2 * Dv_pad,
-                           dv_chunk + key0 * Dv_pad, Dv_pad);
+                           key_sums.dv_block(key0), Dv_pad);
             amx_gemm<true>(BN, D_pad, BM, w.dscores.data(), BM, panels.q_pairs_at(q_slot, row0), 2 * D_pad,
-                           dk_chunk + key0 * D_pad, D_pad);
+                           key_sums.dk_block(key0), D_pad);
             amx_gemm<true>(D_pad, BM, BN, k_t_head + key0, key_rows, w.dscores_vnni.data(), 2 * BM, w.dq_t.data(),
                            BM);
           }
@@ -520,6 +654,7 @@ void attention_backward_amx(const AttentionParams& p) {
                                   dq_base + p.dq_strides.offset(batch, head, row0), p.dq_strides.row);
         }
       }
+      key_sums.finish();
     });
   }
   partials.reduce_into<BFloat16>(p, scale);

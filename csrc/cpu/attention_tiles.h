@@ -248,9 +248,10 @@ inline int64_t kv_heads_per_pass(const AttentionParams& p, int64_t bytes_per_kv_
 // Storage for `count` elements that the calling thread keeps from one call to the next, one
 // buffer per `slot` (the AMX forward's k / v copies; the backward's dk / dv partial sums).
 // Allocated anew per call, buffers of a few MiB came fresh from mmap every time, and faulting in
-// and zeroing their pages was ~13% of a bf16 forward at N = 1024 (perf, 2-core Xeon). Requests past kPassBudgetBytes (long sequences) are not kept: `local` holds them for
-// this call only. The contents are uninitialized or whatever the last call left: the caller
-// writes every element it reads.
+// and zeroing their pages was ~13% of a bf16 forward at N = 1024 (perf, 2-core Xeon). Requests
+// past kPassBudgetBytes (long sequences) are not kept: `local` holds them for this call only.
+// The contents are uninitialized or whatever the last call left: the caller writes every
+// element it reads.
 template <typename T, int SLOTS>
 inline T* reusable_storage(int slot, int64_t count, UninitializedBuffer<T>& local) {
   thread_local UninitializedBuffer<T> kept[SLOTS];
