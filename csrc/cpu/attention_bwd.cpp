@@ -17,10 +17,10 @@
 // Tiles are computed transposed (S^T = k q^T, dP^T = v dout^T), as in the forward. A chunk owns
 // its dq rows outright, the dk/dv rows of its exclusive key blocks and its own dk/dv partial
 // buffers, so there are no atomics. With a sliding window a chunk's live dk/dv sums are a ring of
-// a few key blocks that stays in L2 (ChunkAccumulator). The number of
-// chunks is a function of the shape alone (enough work items for 16 threads, chunks of at least
-// 256 rows, partial buffers within a memory budget), so results are bitwise identical run after
-// run and for any thread count. Only blocks inside the window are visited (cost ~ N * window).
+// a few key blocks that stays in L2 (ChunkAccumulator). The number of chunks is a function of the
+// shape alone (enough work items for 16 threads, chunks of at least 256 rows, partial buffers
+// within a memory budget), so results are bitwise identical run after run and for any thread
+// count. Only blocks inside the window are visited (cost ~ N * window).
 //
 // bf16 inputs run on AMX tiles when the CPU and OS allow it (attention_backward_amx below): the
 // same chunks, tiles and fp32 softmax statistics, with the five products as bf16 x bf16 -> fp32
@@ -158,10 +158,13 @@ struct ChunkPlan {
     ring_blocks = widest_group < widest_chunk ? widest_group : 0;
   }
 
-  // True when the key block at key0 is exclusive to one chunk.
+  // True when the key block at key0 is exclusive to `chunk`, or to any one chunk.
+  bool exclusive_to(int64_t chunk, int64_t key0) const {
+    return key0 >= exclusive_begin[chunk] && key0 < exclusive_end[chunk];
+  }
   bool exclusive(int64_t key0) const {
     for (int64_t c = 0; c < count; ++c) {
-      if (key0 >= exclusive_begin[c] && key0 < exclusive_end[c]) return true;
+      if (exclusive_to(c, key0)) return true;
     }
     return false;
   }
@@ -303,9 +306,9 @@ struct Partials {
 // in a ring of that many blocks in the thread's workspace (~400 KiB for fp32, D = 64, window
 // (256, 256): it stays in L2), and a retired block goes to dk / dv if it is exclusive to the chunk
 // and to the chunk's partial rows if another chunk reaches it too. Without a ring (full and
-// causal attention, where a group reaches all of the chunk's keys) the chunk sums in its partial
-// rows; its exclusive blocks are still written out when retired, so that Partials::reduce_into
-// adds up only the keys that chunks share. Before the ring every chunk kept partial rows for its
+// causal attention, where the chunk's widest group reaches all of its keys) the chunk sums in its
+// partial rows; its exclusive blocks are still written out when retired, so that
+// Partials::reduce_into adds up only the keys that chunks share. Before the ring every chunk kept partial rows for its
 // whole key range: at N = 64k (fp32, 8 heads, D = 64) 270 MB of fresh pages per call, page-faulted
 // in, written and read back from memory by a separate reduction.
 template <typename acc_t, typename scalar_t>
@@ -353,9 +356,8 @@ class ChunkAccumulator {
   }
 
   void retire(int64_t key0) {
-    const ChunkPlan& chunks = partials_.chunks;
     const int64_t d_pad = partials_.d_pad, dv_pad = partials_.dv_pad;
-    if (key0 >= chunks.exclusive_begin[chunk_] && key0 < chunks.exclusive_end[chunk_]) {
+    if (partials_.chunks.exclusive_to(chunk_, key0)) {
       const int64_t keys = std::min(kBlockKeys, p_.seqlen_k - key0);
       if (keys <= 0) return;
       const int64_t batch = kv_batch_head_ / p_.heads_kv, kv_head = kv_batch_head_ % p_.heads_kv;
@@ -426,7 +428,6 @@ void attention_backward_kernel(const AttentionParams& p) {
         first_key[g] = p.first_visible_key(row0) / BN * BN;
         end_key[g] = p.end_visible_key(row0 + rows - 1);
       }
-      const int64_t group_key_end = *std::max_element(end_key, end_key + members);
       const auto [first_block, end_block] = ChunkPlan::key_blocks(p, group0, group_end);
       key_sums.cover(first_block, end_block);
       for (int64_t head = kv_head * p.kv_group(); head < (kv_head + 1) * p.kv_group(); ++head) {
@@ -443,7 +444,7 @@ void attention_backward_kernel(const AttentionParams& p) {
                                      w.lse_log2_of(g));
         }
         std::fill(w.dq.begin(), w.dq.end(), acc_t(0));
-        for (int64_t key0 = first_block * BN; key0 < group_key_end; key0 += BN) {
+        for (int64_t key0 = first_block * BN; key0 < end_block * BN; key0 += BN) {
           const int64_t keys = std::min(BN, p.seqlen_k - key0);
           if (all_keys_padded(p, batch, key0, keys)) continue;
           int64_t k_ld, v_ld;
