@@ -148,7 +148,7 @@ def test_gate_reports_wrong_contestants_and_never_times_them():
     assert wrong_scale.calls == 2  # one gate call per mode, no warm-up, no timing
 
     assert by[("wrong-gradient", "fwd")].status == "ok" and by[("wrong-gradient", "fwd")].ms > 0
-    calls_after_fwd = 1 + args.warmup + args.repeats
+    calls_after_fwd = 1 + args.warmup + 2 * args.repeats  # each timed call follows an untimed one
     r = by[("wrong-gradient", "fwd_bwd")]
     assert r.status == "wrong" and r.ms is None and r.note.startswith("dk rel.err")
     assert wrong_gradient.calls == calls_after_fwd + 1
@@ -158,13 +158,43 @@ def test_min_time_adds_interleaved_rounds_up_to_its_cap():
     timing = ["--seqlen", "48", "--cases", "full", "--modes", "fwd", "--quiet", "--repeats", "2", "--warmup", "1"]
     counted = WrongGradient("counted")  # its forward is right: it is timed
     results = run(parse_args(TINY + timing), [counted])
-    assert counted.calls == 1 + 1 + 2 and results[0].timed_calls == 2  # gate, warm-up, --repeats
+    # gate, warm-up, --repeats timed calls each after an untimed one
+    assert counted.calls == 1 + 1 + 2 * 2 and results[0].timed_calls == 2
     counted = WrongGradient("counted")
     results = run(parse_args(TINY + timing + ["--min-time", "60"]), [counted])
     rounds = 2 * MAX_ROUNDS_PER_REPEAT  # 60 s is never reached: the cap ends it
-    assert counted.calls == 1 + 1 + rounds and results[0].timed_calls == rounds and results[0].status == "ok"
+    assert counted.calls == 1 + 1 + 2 * rounds and results[0].timed_calls == rounds and results[0].status == "ok"
     with pytest.raises(SystemExit):
         parse_args(TINY + ["--min-time", "-1"])
+
+
+class Logged(_CountingContestant):
+    """A right output; appends its name to a log shared with other contestants at each call."""
+
+    def __init__(self, name, log):
+        super().__init__(name)
+        self.log = log
+
+    def compute(self, q, k, v):
+        self.log.append(self.name)
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+
+def test_each_timed_call_follows_a_call_of_its_own_contestant():
+    # Interleaved in a rotated order, a contestant's predecessor would be mostly the same peer,
+    # and its call would start from the caches that peer left (fastattn.bench.measure).
+    log = []
+    contestants = [Logged(name, log) for name in ("a", "b", "c")]
+    args = parse_args(TINY + ["--seqlen", "48", "--cases", "full", "--modes", "fwd", "--quiet", "--repeats", "3",
+                              "--warmup", "1"])
+    results = run(args, contestants)
+    assert all(r.status == "ok" and r.timed_calls == 3 for r in results)
+    timed_phase = log[2 * len(contestants):]  # after each one's gate call and warm-up call
+    assert len(timed_phase) == 2 * 3 * len(contestants)
+    pairs = [timed_phase[i:i + 2] for i in range(0, len(timed_phase), 2)]
+    assert all(first == second for first, second in pairs), pairs
+    # still interleaved: every round has each contestant once
+    assert [sorted(p[0] for p in pairs[r * 3:(r + 1) * 3]) for r in range(3)] == [["a", "b", "c"]] * 3
 
 
 class Sleepy(_CountingContestant):

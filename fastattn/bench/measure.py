@@ -3,19 +3,13 @@
 Time: one call at a time (``time_once``), on CUDA with CUDA events around the call (the GPU time
 between them), on the CPU with ``time.perf_counter``. A `prepare` step (e.g. the forward pass
 before a timed backward) runs before each call, outside the timed region. The caller takes the
-median over repeats, interleaving contestants (see ``fastattn.bench.cli``).
-
-Peak memory, reported in MiB above what was allocated before the calls (so the inputs are not
-counted; outputs, gradients and every temporary are):
-
-* CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
-* CPU (Linux): the kernel's resident-set high-water mark. Writing ``5`` to
-  ``/proc/self/clear_refs`` resets ``VmHWM`` to the current ``VmRSS``; after the calls,
-  ``VmHWM - VmRSS(before)`` is the peak. The kernel updates the mark whenever pages are
-  unmapped or released, so a peak that is freed again is still seen; its resolution is the
-  RSS counters' batching, well under 1 MiB on this machine kind. ``malloc_trim(0)`` first hands
-  glibc's cached free pages back to the kernel: otherwise a call could reuse them without its
-  memory showing up in RSS. Elsewhere (no ``/proc/self/clear_refs``) CPU memory is not reported.
+median over repeats, interleaving contestants (see ``fastattn.bench.cli``), and times each call
+right after an untimed one of the same contestant (``time_after_own_call``). Interleaved, a
+call would otherwise start from the caches and memory its predecessor left, and in a rotated
+order the predecessor is mostly the same peer: fastattn followed sdpa-math (100 MB of scores at
+N = 1024) in 2 of 3 rounds, sdpa-flash in 1 of 3. bf16 forward at N = 1024, 2-core Xeon with
+AMX: fastattn 2.59 ms, sdpa-flash 2.97 ms (1.15x) timed so; 2.14 and 2.82 ms (1.32x) each after
+its own call; 1.90 and 2.56 ms (1.34x) with no sdpa-math in the run.
 """
 
 from __future__ import annotations
@@ -27,7 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["warm_up", "time_once", "PeakMemory"]
+__all__ = ["warm_up", "time_once", "time_after_own_call", "PeakMemory"]
 
 
 def _synchronize(device: torch.device) -> None:
@@ -63,6 +57,14 @@ def time_once(call: Callable[[object], object], device: torch.device,
     start = time.perf_counter()
     call(argument)
     return (time.perf_counter() - start) * 1e3
+
+
+def time_after_own_call(call: Callable[[object], object], device: torch.device,
+                        prepare: Callable[[], object] = lambda: None) -> float:
+    """Milliseconds of one ``call(prepare())`` that follows an untimed one: the timed call finds
+    the caches as this contestant's own call leaves them, whichever contestant ran before."""
+    call(prepare())
+    return time_once(call, device, prepare)
 
 
 def _read_status_kib(field: str) -> int:
