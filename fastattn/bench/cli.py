@@ -19,7 +19,7 @@ from ..backends import BACKEND_NAMES
 from .cases import MODES, Case, flops
 from .contestants import PEER_NAMES, Contestant, DenseMasks, Setting, Skipped, Unsupported, make_fastattn, \
     make_peers
-from .measure import PeakMemory, time_after_own_call, warm_up
+from .measure import PeakMemory, time_after_own_call, time_once, warm_up
 from .oracle import REL_ERROR_LIMIT, chunked_oracle, relative_error
 from .report import HEADER, Result, format_row, plot, summary_markdown, write_csv, write_json
 
@@ -265,13 +265,16 @@ def measure_setting(contestants: Sequence[Contestant], setting: Setting, oracle,
                     bases: Sequence[dict], unavailable: Dict[str, Optional[str]], progress: Progress) -> List[Result]:
     """Every contestant on one setting: each is gated and warmed up, then the timed calls are
     interleaved, repeat by repeat, in an order rotated each repeat, so that a change in the
-    machine's load (it is shared) falls on all contestants alike and the ratios stay fair. Each
-    timed call directly follows an untimed one of its own contestant (``time_after_own_call``), so
-    no contestant is timed on the caches a peer left. --repeats rounds, then (with --min-time) more rounds for each contestant whose own timed calls
-    took less than that, up to the cap: on a noisy machine a median of 5 short calls moves by 10%
-    from run to run. A contestant leaves the extra rounds once it has its time, so contestants of
-    similar speed stay interleaved to the end while a much slower one (sdpa-math) stops early and
-    no longer stretches every round (it did when the rule counted the whole round's time)."""
+    machine's load (it is shared) falls on all contestants alike and the ratios stay fair. On the
+    CPU each timed call directly follows an untimed one of its own contestant
+    (``time_after_own_call``), so no contestant is timed on the caches a peer left; on CUDA the
+    inputs of the shapes we measure (64 MB each in gpu_check.sh) exceed the L2 cache, and the
+    extra calls would only lengthen a time-boxed run. --repeats rounds, then (with --min-time)
+    more rounds for each contestant whose own timed calls took less than that, up to the cap: on
+    a noisy machine a median of 5 short calls moves by 10% from run to run. A contestant leaves
+    the extra rounds once it has its time, so contestants of similar speed stay interleaved to
+    the end while a much slower one (sdpa-math) stops early and no longer stretches every round
+    (it did when the rule counted the whole round's time)."""
     outcomes: List[Union[Result, _Timed]] = []
     try:
         for contestant, base in zip(contestants, bases):
@@ -287,6 +290,7 @@ def measure_setting(contestants: Sequence[Contestant], setting: Setting, oracle,
         def wants_more(entry: _Timed) -> bool:
             return len(entry.times) < rounds_most and sum(entry.times) < 1e3 * args.min_time
 
+        timer = time_after_own_call if setting.q.device.type == "cpu" else time_once
         repeat = 0
         while True:
             in_round = [e for e in timed if e.failure is None and (repeat < args.repeats or wants_more(e))]
@@ -297,7 +301,7 @@ def measure_setting(contestants: Sequence[Contestant], setting: Setting, oracle,
             shift = repeat % len(in_round)
             for entry in in_round[shift:] + in_round[:shift]:
                 try:
-                    entry.times.append(time_after_own_call(entry.call, setting.q.device, entry.prepare))
+                    entry.times.append(timer(entry.call, setting.q.device, entry.prepare))
                 except Exception as exc:  # noqa: BLE001 (reported as the contestant's result)
                     entry.failure = _failure(entry.base, exc)
             repeat += 1

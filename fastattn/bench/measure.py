@@ -3,13 +3,13 @@
 Time: one call at a time (``time_once``), on CUDA with CUDA events around the call (the GPU time
 between them), on the CPU with ``time.perf_counter``. A `prepare` step (e.g. the forward pass
 before a timed backward) runs before each call, outside the timed region. The caller takes the
-median over repeats, interleaving contestants (see ``fastattn.bench.cli``), and times each call
-right after an untimed one of the same contestant (``time_after_own_call``). Interleaved, a
-call would otherwise start from the caches and memory its predecessor left, and in a rotated
-order the predecessor is mostly the same peer: fastattn followed sdpa-math (100 MB of scores at
-N = 1024) in 2 of 3 rounds, sdpa-flash in 1 of 3. bf16 forward at N = 1024, 2-core Xeon with
-AMX: fastattn 2.59 ms, sdpa-flash 2.97 ms (1.15x) timed so; 2.14 and 2.82 ms (1.32x) each after
-its own call; 1.90 and 2.56 ms (1.34x) with no sdpa-math in the run.
+median over repeats, interleaving contestants (see ``fastattn.bench.cli``), and on the CPU times
+each call right after an untimed one of the same contestant (``time_after_own_call``).
+Interleaved, a call would otherwise start from the caches and memory its predecessor left, and
+in a rotated order the predecessor is mostly the same peer: fastattn followed sdpa-math (100 MB
+of scores at N = 1024) in 2 of 3 rounds, sdpa-flash in 1 of 3. bf16 forward at N = 1024, 2-core
+Xeon with AMX: fastattn 2.59 ms, sdpa-flash 2.97 ms (1.15x) timed so; 2.14 and 2.82 ms (1.32x)
+each after its own call; 1.90 and 2.56 ms (1.34x) with no sdpa-math in the run.
 """
 
 from __future__ import annotations
