@@ -10,6 +10,18 @@ in a rotated order the predecessor is mostly the same peer: fastattn followed sd
 of scores at N = 1024) in 2 of 3 rounds, sdpa-flash in 1 of 3. bf16 forward at N = 1024, 2-core
 Xeon with AMX: fastattn 2.59 ms, sdpa-flash 2.97 ms (1.15x) timed so; 2.14 and 2.82 ms (1.32x)
 each after its own call; 1.90 and 2.56 ms (1.34x) with no sdpa-math in the run.
+
+Peak memory, reported in MiB above what was allocated before the calls (so the inputs are not
+counted; outputs, gradients and every temporary are):
+
+* CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
+* CPU (Linux): the kernel's resident-set high-water mark. Writing ``5`` to
+  ``/proc/self/clear_refs`` resets ``VmHWM`` to the current ``VmRSS``; after the calls,
+  ``VmHWM - VmRSS(before)`` is the peak. The kernel updates the mark whenever pages are
+  unmapped or released, so a peak that is freed again is still seen; its resolution is the
+  RSS counters' batching, well under 1 MiB on this machine kind. ``malloc_trim(0)`` first hands
+  glibc's cached free pages back to the kernel: otherwise a call could reuse them without its
+  memory showing up in RSS. Elsewhere (no ``/proc/self/clear_refs``) CPU memory is not reported.
 """
 
 from __future__ import annotations
