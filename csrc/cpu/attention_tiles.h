@@ -91,9 +91,21 @@ inline void pack_rows(const src_t* src, int64_t src_row_stride, int64_t rows, in
 template <typename src_t, typename dst_t>
 inline void pack_rows_transposed(const src_t* src, int64_t src_row_stride, int64_t rows,
                                  int64_t padded_rows, int64_t cols, dst_t* dst, int64_t dst_ld) {
+  int64_t whole_rows = 0, whole_cols = 0;  // the part done in 16 x 16 register transposes
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<src_t, float> && std::is_same_v<dst_t, float>) {
+    whole_rows = rows / 16 * 16;
+    whole_cols = cols / 16 * 16;
+    for (int64_t r0 = 0; r0 < whole_rows; r0 += 16) {
+      for (int64_t c0 = 0; c0 < whole_cols; c0 += 16) {
+        transpose_16x16(src + r0 * src_row_stride + c0, src_row_stride, dst + c0 * dst_ld + r0, dst_ld);
+      }
+    }
+  }
+#endif
   for (int64_t r = 0; r < rows; ++r) {
     const src_t* row = src + r * src_row_stride;
-    for (int64_t c = 0; c < cols; ++c) dst[c * dst_ld + r] = static_cast<dst_t>(row[c]);
+    for (int64_t c = r < whole_rows ? whole_cols : 0; c < cols; ++c) dst[c * dst_ld + r] = static_cast<dst_t>(row[c]);
   }
   for (int64_t c = 0; c < cols; ++c) std::fill(dst + c * dst_ld + rows, dst + c * dst_ld + padded_rows, dst_t(0));
 }
@@ -146,6 +158,8 @@ inline void mask_scores(const AttentionParams& p, int64_t batch, int64_t key0, i
   const bool straddles = !p.tile_fully_visible(row0, row0 + queries, key0, key0 + keys);
   const bool* padding =
       p.key_padding_mask == nullptr ? nullptr : p.key_padding_mask + batch * p.key_padding_stride_batch;
+  // Most tiles of full and wide-window attention: nothing to mask, and no pass over the rows.
+  if (!straddles && padding == nullptr) return;
   for (int64_t j = 0; j < keys; ++j) {
     T* row = scores_t + j * ld;
     if (padding != nullptr && padding[(key0 + j) * p.key_padding_stride_key]) {
