@@ -133,6 +133,20 @@ def test_nan_inputs_propagate(dtype, window, backend):
     assert torch.equal(nan_rows, expected)
 
 
+@pytest.mark.parametrize("slope", [-0.2, 0.02, 0.2, 3.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_scores_rising_through_the_key_blocks(slope, dtype):
+    """Scores that rise (or fall) key by key, ~1.0 * slope in exp2 units per key, so that each
+    query's largest score moves through the key blocks by less than, about and far more than
+    the forward's lagging maximum allows before it rescales (2^8, online_softmax_shift); at slope
+    3 the scores reach ~1500, which overflow unless every block that raises the max rescales."""
+    q, k, v = make_qkv(1, 2, 2, 130, 700, 32, dtype=dtype, seed=31)
+    q[..., 0] = 4.0
+    k[..., 0] = slope * torch.arange(700, dtype=dtype)
+    check_against_oracle(q, k, v, backend=BACKEND)
+    check_against_oracle(q, k, v, backend=BACKEND, window=(200, 50))
+
+
 @pytest.mark.parametrize("window", ["full", "causal"], ids=str)
 def test_long_keys_copied_in_passes(window):
     """bf16 with 16.5k keys of head dim 256: one kv head's copies exceed the AMX kernels' 16 MiB

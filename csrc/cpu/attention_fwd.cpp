@@ -257,9 +257,12 @@ void attention_forward_amx(const AttentionParams& p) {
         online_softmax_step_vnni(s_t, keys, tile_keys, scale_log2, w.row_max.data(), w.row_sum.data(),
                                  w.rescale.data(), w.probs_vnni.data());
         // out^T = out^T * rescale (per query column) + v^T P^T; rows of P^T past `keys` are zero.
-        for (int64_t d = 0; d < Dv_pad; ++d) {
-          float* row = w.out_t.data() + d * BM;
-          for (int64_t c = 0; c < BM; c += L) (Vec::loadu(row + c) * Vec::loadu(w.rescale.data() + c)).store(row + c);
+        // The multiply is skipped when no query's running max moved (rescale all exactly 1).
+        if (!all_ones(w.rescale.data(), BM)) {
+          for (int64_t d = 0; d < Dv_pad; ++d) {
+            float* row = w.out_t.data() + d * BM;
+            for (int64_t c = 0; c < BM; c += L) (Vec::loadu(row + c) * Vec::loadu(w.rescale.data() + c)).store(row + c);
+          }
         }
         amx_gemm<true>(Dv_pad, BM, tile_keys, v_t_head + key0, key_rows, w.probs_vnni.data(), 2 * BM, w.out_t.data(),
                        BM);
