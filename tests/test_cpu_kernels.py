@@ -138,8 +138,10 @@ def test_nan_inputs_propagate(dtype, window, backend):
 def test_scores_rising_through_the_key_blocks(slope, dtype):
     """Scores that rise (or fall) key by key, ~1.0 * slope in exp2 units per key, so that each
     query's largest score moves through the key blocks by less than, about and far more than
-    the forward's lagging maximum allows before it rescales (2^8, online_softmax_shift); at slope
-    3 the scores reach ~1500, which overflow unless every block that raises the max rescales."""
+    the forward's lagging maximum allows: 2^8 before it moves (online_softmax_shift), 2^16 before
+    a block tried without the max pass is recomputed (online_softmax_step_at_lagging_max); at
+    slope 3 the scores reach ~1500, which overflow unless every block that raises the max
+    rescales."""
     q, k, v = make_qkv(1, 2, 2, 130, 700, 32, dtype=dtype, seed=31)
     q[..., 0] = 4.0
     k[..., 0] = slope * torch.arange(700, dtype=dtype)

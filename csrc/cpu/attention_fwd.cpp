@@ -99,10 +99,18 @@ void attention_forward_kernel(const AttentionParams& p) {
         const int64_t row_width = round_up(block.rows, L);  // query columns computed, whole vectors
         acc_t* s_t = w.scores_t.data();
         acc_t* acc = w.acc.data() + g * BM * Dv_pad;
-        gemm<acc_t, Accumulate::kOverwrite>(keys, row_width, D, k, k_ld, 1, w.q_t.data() + g * D * BM, BM, s_t, BM);
-        mask_scores(p, batch, key0, keys, block.row0, block.rows, BM, s_t);
-        online_softmax_step(s_t, keys, scale_log2, w.row_max.data() + g * BM, w.row_sum.data() + g * BM,
-                            w.rescale.data());
+        acc_t* row_max = w.row_max.data() + g * BM;
+        acc_t* row_sum = w.row_sum.data() + g * BM;
+        auto compute_scores = [&] {
+          gemm<acc_t, Accumulate::kOverwrite>(keys, row_width, D, k, k_ld, 1, w.q_t.data() + g * D * BM, BM, s_t, BM);
+          mask_scores(p, batch, key0, keys, block.row0, block.rows, BM, s_t);
+        };
+        compute_scores();
+        const bool lagging = every_query_has_max(row_max);
+        if (!lagging || !online_softmax_step_at_lagging_max(s_t, keys, scale_log2, row_max, row_sum, w.rescale.data())) {
+          if (lagging) compute_scores();  // the rare tile whose max jumped: the attempt overwrote it
+          online_softmax_step(s_t, keys, scale_log2, row_max, row_sum, w.rescale.data());
+        }
         // acc = diag(rescale) acc + P v, with P[i][j] = S^T[j][i] read through strides.
         gemm<acc_t, Accumulate::kScaleRows>(block.rows, Dv_pad, keys, s_t, 1, BM, v, v_ld, acc, Dv_pad,
                                             w.rescale.data());

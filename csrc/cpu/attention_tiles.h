@@ -179,11 +179,13 @@ inline void mask_scores(const AttentionParams& p, int64_t batch, int64_t key0, i
 //   m' = b if b > m + kMaxGrowthLog2, else m,  P_j = 2^(S_j * scale * log2(e) - m'),
 //   l' = l * 2^(m - m') + sum_j P_j,           rescale = 2^(m - m')
 // row_max = m, row_sum = l, rescale are per query. m is a lagging maximum: it moves only when a
-// block's scores exceed it by more than 2^8, so P <= 256 (no overflow: l <= 256 * Nk) and the
-// rescale is exactly 1 for almost every block after a query's first, which lets the products
-// skip their rescale multiplies (out = acc / l and lse = m + log2(l) hold for any such m; the
-// fp32 forward ran 0.5% faster, the bf16 AMX one 2-4%, paired A/B, 2-core Xeon). A query with
-// nothing visible yet keeps m = -inf and uses shift 0, so its P is 2^-inf = 0 rather than NaN.
+// block's scores exceed it by more than 2^8, so the rescale is exactly 1 for almost every block
+// after a query's first, which lets the products skip their rescale multiplies (the fp32 forward
+// ran 0.5% faster, the bf16 AMX one 2-4%, paired A/B, 2-core Xeon); out = acc / l and
+// lse = m + log2(l) hold for any such m. Once every query has a max, the non-AMX forward tries each
+// block without the max pass (online_softmax_step_at_lagging_max). Either way P <= 2^16, and l
+// grows by at most 2^16 per key block: no overflow. A query with nothing visible yet keeps
+// m = -inf and uses shift 0, so its P is 2^-inf = 0 rather than NaN.
 // The loops run over all query columns at once: independent max and sum chains rather than one
 // dependency chain per column (columns past the block's queries hold finite junk never used).
 //
@@ -219,6 +221,24 @@ inline void online_softmax_shift(const T* scores_t, int64_t keys, Vectorized<T> 
   }
 }
 
+// P^T = 2^(S^T * scale * log2(e) - shift) over the tile's rows [0, keys), in place, and sum[v]
+// += the P of query columns [v * L, (v + 1) * L).
+template <typename T>
+inline void exponentiate_scores(T* scores_t, int64_t keys, Vectorized<T> scale_log2, const Vectorized<T>* shift,
+                                Vectorized<T>* sum) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t L = Vec::size();
+  constexpr int kVectors = kBlockQueries / L;
+  for (int64_t j = 0; j < keys; ++j) {
+    for (int v = 0; v < kVectors; ++v) {
+      T* s = scores_t + j * kBlockQueries + v * L;
+      const Vec prob = exp2(at::vec::fmsub(Vec::loadu(s), scale_log2, shift[v]));
+      prob.store(s);
+      sum[v] = sum[v] + prob;
+    }
+  }
+}
+
 template <typename T>
 inline void online_softmax_step(T* scores_t, int64_t keys, Vectorized<T> scale_log2, T* row_max, T* row_sum,
                                 T* rescale) {
@@ -228,17 +248,52 @@ inline void online_softmax_step(T* scores_t, int64_t keys, Vectorized<T> scale_l
   Vec shift[kVectors], sum[kVectors];
   online_softmax_shift(scores_t, keys, scale_log2, row_max, rescale, shift);
   for (int v = 0; v < kVectors; ++v) sum[v] = Vec(T(0));
-  for (int64_t j = 0; j < keys; ++j) {
-    for (int v = 0; v < kVectors; ++v) {
-      T* s = scores_t + j * kBlockQueries + v * L;
-      const Vec prob = exp2(at::vec::fmsub(Vec::loadu(s), scale_log2, shift[v]));
-      prob.store(s);
-      sum[v] = sum[v] + prob;
-    }
-  }
+  exponentiate_scores(scores_t, keys, scale_log2, shift, sum);
   for (int v = 0; v < kVectors; ++v) {
     at::vec::fmadd(Vec::loadu(row_sum + v * L), Vec::loadu(rescale + v * L), sum[v]).store(row_sum + v * L);
   }
+}
+
+// True when every query column of the tile has a running max (m > -inf): the tile may then try
+// online_softmax_step_at_lagging_max.
+template <typename T>
+inline bool every_query_has_max(const T* row_max) {
+  using Vec = Vectorized<T>;
+  Vec lowest(std::numeric_limits<T>::infinity());
+  for (int64_t v = 0; v < kBlockQueries; v += Vec::size()) lowest = at::vec::minimum(lowest, Vec::loadu(row_max + v));
+  return at::vec::vec_reduce_all<T>([](const Vec& x, const Vec& y) { return at::vec::minimum(x, y); }, lowest) >
+         -std::numeric_limits<T>::infinity();
+}
+
+// online_softmax_step without the max pass, for a tile whose queries all have a max: P with m as
+// it stands, accepted when every query's sum of the block's P is at most 2^16 (so no P
+// overflowed or is NaN, and l grows by at most 2^16 per key block), with rescale = 1 and m
+// unchanged. Almost every block after a query's first passes (its scores would have to exceed
+// m by 2^16 to fail), and skips a load and a max per score vector (fp32 forward 1-2% faster,
+// paired A/B, 2-core Xeon). Returns false otherwise, with the tile overwritten: the caller
+// recomputes the scores and takes online_softmax_step.
+constexpr int kMaxLaggingSumLog2 = 16;
+
+template <typename T>
+inline bool online_softmax_step_at_lagging_max(T* scores_t, int64_t keys, Vectorized<T> scale_log2,
+                                               const T* row_max, T* row_sum, T* rescale) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t L = Vec::size();
+  constexpr int kVectors = kBlockQueries / L;
+  Vec shift[kVectors], sum[kVectors];
+  for (int v = 0; v < kVectors; ++v) {
+    shift[v] = Vec::loadu(row_max + v * L);
+    sum[v] = Vec(T(0));
+  }
+  exponentiate_scores(scores_t, keys, scale_log2, shift, sum);
+  Vec rejected(T(0));  // "not <=" also catches a NaN sum
+  for (int v = 0; v < kVectors; ++v) rejected = rejected | ~(sum[v] <= Vec(T(1 << kMaxLaggingSumLog2)));
+  if (at::vec::vec_reduce_all<T>([](const Vec& x, const Vec& y) { return x | y; }, rejected) != T(0)) return false;
+  for (int v = 0; v < kVectors; ++v) {
+    (Vec::loadu(row_sum + v * L) + sum[v]).store(row_sum + v * L);
+    Vec(T(1)).store(rescale + v * L);
+  }
+  return true;
 }
 
 // True when every key in [key0, key0 + keys) of this batch is padding: the tile can be skipped.
