@@ -136,7 +136,10 @@ void attention_forward_kernel(const AttentionParams& p) {
 #if defined(FASTATTN_HAS_AMX)
 // online_softmax_step for the AMX path: P^T goes straight into its VNNI bf16 form (pairs of key
 // rows interleaved, the B operand of out^T += v^T P^T) instead of back over the fp32 tile, rows
-// [keys, padded_keys) zero. l sums the unrounded fp32 P, as the fp32 path does.
+// [keys, padded_keys) zero. l sums the unrounded fp32 P, as the fp32 path does. Once every query
+// has a max, the block is first tried at the lagging max without the max pass, as
+// online_softmax_step_at_lagging_max does; the scores stay intact, so a rejected try just takes
+// the full step.
 inline void online_softmax_step_vnni(const float* scores_t, int64_t keys, int64_t padded_keys,
                                      Vectorized<float> scale_log2, float* row_max, float* row_sum, float* rescale,
                                      BFloat16* probs_vnni) {
@@ -145,20 +148,28 @@ inline void online_softmax_step_vnni(const float* scores_t, int64_t keys, int64_
   constexpr int64_t L = Vec::size();
   constexpr int kVectors = BM / L;
   Vec shift[kVectors], sum[kVectors];
-  online_softmax_shift(scores_t, keys, scale_log2, row_max, rescale, shift);
-  for (int v = 0; v < kVectors; ++v) sum[v] = Vec(0.0f);
-  for (int64_t pair = 0; 2 * pair < padded_keys; ++pair) {
-    for (int v = 0; v < kVectors; ++v) {
-      Vec prob[2];
-      for (int half = 0; half < 2; ++half) {
-        const int64_t j = 2 * pair + half;
-        prob[half] = j < keys ? exp2_for_bf16(at::vec::fmsub(Vec::loadu(scores_t + j * BM + v * L), scale_log2, shift[v]))
-                              : Vec(0.0f);
-        sum[v] = sum[v] + prob[half];
+  auto exponentiate = [&] {
+    for (int v = 0; v < kVectors; ++v) sum[v] = Vec(0.0f);
+    for (int64_t pair = 0; 2 * pair < padded_keys; ++pair) {
+      for (int v = 0; v < kVectors; ++v) {
+        Vec prob[2];
+        for (int half = 0; half < 2; ++half) {
+          const int64_t j = 2 * pair + half;
+          prob[half] = j < keys ? exp2_for_bf16(at::vec::fmsub(Vec::loadu(scores_t + j * BM + v * L), scale_log2, shift[v]))
+                                : Vec(0.0f);
+          sum[v] = sum[v] + prob[half];
+        }
+        _mm512_storeu_si512(probs_vnni + pair * 2 * BM + 2 * v * L, interleave_bf16(prob[0], prob[1]));
       }
-      _mm512_storeu_si512(probs_vnni + pair * 2 * BM + 2 * v * L, interleave_bf16(prob[0], prob[1]));
     }
+  };
+  if (every_query_has_max(row_max)) {
+    for (int v = 0; v < kVectors; ++v) shift[v] = Vec::loadu(row_max + v * L);
+    exponentiate();
+    if (accept_lagging_step(sum, row_sum, rescale)) return;
   }
+  online_softmax_shift(scores_t, keys, scale_log2, row_max, rescale, shift);
+  exponentiate();
   for (int v = 0; v < kVectors; ++v) {
     at::vec::fmadd(Vec::loadu(row_sum + v * L), Vec::loadu(rescale + v * L), sum[v]).store(row_sum + v * L);
   }

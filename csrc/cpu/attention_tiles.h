@@ -182,7 +182,7 @@ inline void mask_scores(const AttentionParams& p, int64_t batch, int64_t key0, i
 // block's scores exceed it by more than 2^8, so the rescale is exactly 1 for almost every block
 // after a query's first, which lets the products skip their rescale multiplies (the fp32 forward
 // ran 0.5% faster, the bf16 AMX one 2-4%, paired A/B, 2-core Xeon); out = acc / l and
-// lse = m + log2(l) hold for any such m. Once every query has a max, the non-AMX forward tries each
+// lse = m + log2(l) hold for any such m. Once every query has a max, both forwards try each
 // block without the max pass (online_softmax_step_at_lagging_max). Either way P <= 2^16, and l
 // grows by at most 2^16 per key block: no overflow. A query with nothing visible yet keeps
 // m = -inf and uses shift 0, so its P is 2^-inf = 0 rather than NaN.
@@ -269,10 +269,28 @@ inline bool every_query_has_max(const T* row_max) {
 // it stands, accepted when every query's sum of the block's P is at most 2^16 (so no P
 // overflowed or is NaN, and l grows by at most 2^16 per key block), with rescale = 1 and m
 // unchanged. Almost every block after a query's first passes (its scores would have to exceed
-// m by 2^16 to fail), and skips a load and a max per score vector (fp32 forward 1-2% faster,
-// paired A/B, 2-core Xeon). Returns false otherwise, with the tile overwritten: the caller
-// recomputes the scores and takes online_softmax_step.
+// m by 2^16 to fail), and skips a load and a max per score vector (paired A/B, 2-core Xeon: fp32
+// forward 1-2% faster; the bf16 AMX forward's version, online_softmax_step_vnni, 8-11%).
+// Returns false otherwise, with the tile overwritten: the caller recomputes the scores and takes
+// online_softmax_step.
 constexpr int kMaxLaggingSumLog2 = 16;
+
+// The end of a block tried at the lagging max, given the sums of its P per query (sum[v] for query
+// columns [v * L, (v + 1) * L)): false if one is above 2^16 or NaN, else l += sum, rescale = 1.
+template <typename T>
+inline bool accept_lagging_step(const Vectorized<T>* sum, T* row_sum, T* rescale) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t L = Vec::size();
+  constexpr int kVectors = kBlockQueries / L;
+  Vec rejected(T(0));  // "not <=" also catches a NaN sum
+  for (int v = 0; v < kVectors; ++v) rejected = rejected | ~(sum[v] <= Vec(T(1 << kMaxLaggingSumLog2)));
+  if (at::vec::vec_reduce_all<T>([](const Vec& x, const Vec& y) { return x | y; }, rejected) != T(0)) return false;
+  for (int v = 0; v < kVectors; ++v) {
+    (Vec::loadu(row_sum + v * L) + sum[v]).store(row_sum + v * L);
+    Vec(T(1)).store(rescale + v * L);
+  }
+  return true;
+}
 
 template <typename T>
 inline bool online_softmax_step_at_lagging_max(T* scores_t, int64_t keys, Vectorized<T> scale_log2,
@@ -286,14 +304,7 @@ inline bool online_softmax_step_at_lagging_max(T* scores_t, int64_t keys, Vector
     sum[v] = Vec(T(0));
   }
   exponentiate_scores(scores_t, keys, scale_log2, shift, sum);
-  Vec rejected(T(0));  // "not <=" also catches a NaN sum
-  for (int v = 0; v < kVectors; ++v) rejected = rejected | ~(sum[v] <= Vec(T(1 << kMaxLaggingSumLog2)));
-  if (at::vec::vec_reduce_all<T>([](const Vec& x, const Vec& y) { return x | y; }, rejected) != T(0)) return false;
-  for (int v = 0; v < kVectors; ++v) {
-    (Vec::loadu(row_sum + v * L) + sum[v]).store(row_sum + v * L);
-    Vec(T(1)).store(rescale + v * L);
-  }
-  return true;
+  return accept_lagging_step(sum, row_sum, rescale);
 }
 
 // True when every key in [key0, key0 + keys) of this batch is padding: the tile can be skipped.
