@@ -193,7 +193,7 @@ inline void probabilities_and_dscores(const AttentionParams& p, int64_t batch, i
     const Vec shift = Vec::loadu(lse_log2 + c);
     const Vec row_delta = Vec::loadu(delta + c);
     for (int64_t j = 0; j < keys; ++j) {
-      const Vec prob = exp2(at::vec::fmsub(Vec::loadu(probs_t + j * BM + c), scale_vec, shift));
+      const Vec prob = exp2(multiply_subtract(Vec::loadu(probs_t + j * BM + c), scale_vec, shift));
       prob.store(probs_t + j * BM + c);
       (prob * (Vec::loadu(dscores_t + j * BM + c) - row_delta)).store(dscores_t + j * BM + c);
     }

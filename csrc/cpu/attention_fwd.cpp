@@ -155,7 +155,7 @@ inline void online_softmax_step_vnni(const float* scores_t, int64_t keys, int64_
         Vec prob[2];
         for (int half = 0; half < 2; ++half) {
           const int64_t j = 2 * pair + half;
-          prob[half] = j < keys ? exp2_for_bf16(at::vec::fmsub(Vec::loadu(scores_t + j * BM + v * L), scale_log2, shift[v]))
+          prob[half] = j < keys ? exp2_for_bf16(multiply_subtract(Vec::loadu(scores_t + j * BM + v * L), scale_log2, shift[v]))
                                 : Vec(0.0f);
           sum[v] = sum[v] + prob[half];
         }

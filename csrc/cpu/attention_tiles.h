@@ -232,7 +232,7 @@ inline void exponentiate_scores(T* scores_t, int64_t keys, Vectorized<T> scale_l
   for (int64_t j = 0; j < keys; ++j) {
     for (int v = 0; v < kVectors; ++v) {
       T* s = scores_t + j * kBlockQueries + v * L;
-      const Vec prob = exp2(at::vec::fmsub(Vec::loadu(s), scale_log2, shift[v]));
+      const Vec prob = exp2(multiply_subtract(Vec::loadu(s), scale_log2, shift[v]));
       prob.store(s);
       sum[v] = sum[v] + prob;
     }
