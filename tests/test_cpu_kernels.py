@@ -149,6 +149,23 @@ def test_scores_rising_through_the_key_blocks(slope, dtype):
     check_against_oracle(q, k, v, backend=BACKEND, window=(200, 50))
 
 
+@pytest.mark.parametrize("height", [200.0, 2000.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_one_key_far_above_the_lagging_max(height, dtype):
+    """One key, in a later key block, whose score is ~200 or ~2000 above every other (exp2 units:
+    past float's and double's exponent range), among keys that all score below the lagging max:
+    the block's try without the max pass must see its P overflow and be rejected (an exp2 that
+    wraps its exponent field there, rather than saturating to inf, hid it and dropped the key).
+    Forward only: the backward recomputes P from lse, which at |lse| ~ 140-1400 carries an
+    absolute rounding of ~ulp(lse), so dv there is ~40x PyTorch's dense error (as before the
+    lagging max; docs/decisions.md, "lse")."""
+    q, k, v = make_qkv(1, 2, 2, 70, 600, 32, dtype=dtype, seed=32)
+    q[..., 0] = 4.0
+    k[..., 0] = 0.0
+    k[:, :, 450, 0] = height / 4.0 / 1.4426950408889634 * 32**0.5
+    check_against_oracle(q, k, v, backend=BACKEND, grads=False)
+
+
 @pytest.mark.parametrize("window", ["full", "causal"], ids=str)
 def test_long_keys_copied_in_passes(window):
     """bf16 with 16.5k keys of head dim 256: one kv head's copies exceed the AMX kernels' 16 MiB

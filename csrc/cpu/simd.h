@@ -200,7 +200,10 @@ constexpr float kExp2Coefficients[7] = {1.0000000005539997f,   0.693147205729350
 
 inline Vectorized<float> exp2(Vectorized<float> x) {
   using Vec = Vectorized<float>;
-  x = at::vec::maximum(x, Vec(-127.0f));  // 2^n below is then +0.0 exactly (poly * 0, no subnormal)
+  // 2^n below is then +0.0 exactly for x <= -127 (poly * 0, no subnormal) and +inf for x >= 128
+  // (exponent field 255): larger n would wrap into the sign bit, and the forward's try at its
+  // lagging max relies on an overflowing P being inf (online_softmax_step_at_lagging_max).
+  x = at::vec::minimum(at::vec::maximum(x, Vec(-127.0f)), Vec(128.0f));
   const Vec n = x.round();
   const Vec f = x - n;
   Vec poly = Vec(kExp2Coefficients[6]);
@@ -220,7 +223,7 @@ inline Vectorized<double> exp2(Vectorized<double> x) {
       0.00015403530393381609, 1.5252733804059840e-05, 1.3215486790144307e-06,
       1.0178086009239699e-07, 7.0549116208011233e-09, 4.4455382718708114e-10,
       2.5678435993488203e-11, 1.3691488853904124e-12};
-  x = at::vec::maximum(x, Vec(-1023.0));
+  x = at::vec::minimum(at::vec::maximum(x, Vec(-1023.0)), Vec(1024.0));  // 0 and +inf at the ends, as above
   const Vec n = x.round();
   const Vec f = x - n;
   Vec poly = Vec(coefficients[13]);
