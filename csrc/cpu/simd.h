@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 namespace fastattn::cpu {
 
@@ -35,13 +36,17 @@ using at::vec::Vectorized;
 
 // The register tile of the micro-kernel: ROWS x VECTORS accumulators, plus VECTORS for a row of B
 // and one broadcast of A, must fit the register file (32 vector registers with AVX-512, 16 else).
+// float64 keeps a compensation register per accumulator (see micro_gemm), so its tile is half.
+template <typename T>
+struct MicroTile {
 #if defined(CPU_CAPABILITY_AVX512)
-constexpr int kTileRows = 6;
-constexpr int kTileVectors = 4;
+  static constexpr int kRows = std::is_same_v<T, double> ? 3 : 6;
+  static constexpr int kVectors = 4;
 #else
-constexpr int kTileRows = 6;
-constexpr int kTileVectors = 2;
+  static constexpr int kRows = std::is_same_v<T, double> ? 3 : 6;
+  static constexpr int kVectors = std::is_same_v<T, double> ? 1 : 2;
 #endif
+};
 
 // What the micro-kernel does with C.
 enum class Accumulate {
@@ -56,12 +61,25 @@ enum class Accumulate {
 // C[ROWS x VECTORS*L] op= A[ROWS x K] * B[K x VECTORS*L], L = Vectorized<T>::size().
 // A(i, kk) = a[i * a_row_stride + kk * a_k_stride] is broadcast, so A may be read transposed
 // at no cost; B's rows are contiguous vectors, ldb elements apart.
+//
+// float64 sums its products compensated (the rounding error of each product, by an FMA, and of
+// each addition, by TwoSum, go to a second accumulator): the result is about as accurate as the
+// exact sum rounded once, whatever the order. float64 is the precision users check other results
+// against, and a plain chain of FMAs is not: with one component of q . k far above the rest (a
+// score of ~500 among terms of ~1), each of the D additions rounds at the large score's ulp, and
+// the chain's scores made out 2.5x less accurate than PyTorch's float64 math on a Zen 4 CPU
+// (tests' rising-scores case: max error 6.7e-14 vs PyTorch's 2.6e-14); compensated, 9.1e-15.
+// It costs ~10 vector operations per product instead of one; float64 is not a speed target.
+// Without a fused multiply-add (at::vec's portable fallback) the product's error reads as 0 and
+// only the additions are compensated.
 template <typename T, int ROWS, int VECTORS, Accumulate MODE>
 inline void micro_gemm(int64_t depth, const T* a, int64_t a_row_stride, int64_t a_k_stride,
                        const T* b, int64_t ldb, T* c, int64_t ldc, const T* row_scale) {
   using Vec = Vectorized<T>;
   constexpr int L = Vec::size();
+  constexpr bool kCompensated = std::is_same_v<T, double>;
   Vec acc[ROWS][VECTORS];
+  Vec compensation[kCompensated ? ROWS : 1][kCompensated ? VECTORS : 1];
   // kScaleRows: when every scale of the tile is exactly 1 (the forward's lagging maxima did not
   // move, see online_softmax_shift: almost every key block after a query's first), C is loaded as
   // is; x * 1 == x, so the ROWS * VECTORS multiplies are skipped without changing a bit.
@@ -74,6 +92,7 @@ inline void micro_gemm(int64_t depth, const T* a, int64_t a_row_stride, int64_t 
   for (int i = 0; i < ROWS; ++i) {
 #pragma GCC unroll 8
     for (int j = 0; j < VECTORS; ++j) {
+      if constexpr (kCompensated) compensation[i][j] = Vec(T(0));
       if constexpr (MODE == Accumulate::kOverwrite || MODE == Accumulate::kAdd) {
         acc[i][j] = Vec(T(0));
       } else {
@@ -94,13 +113,26 @@ inline void micro_gemm(int64_t depth, const T* a, int64_t a_row_stride, int64_t 
     for (int i = 0; i < ROWS; ++i) {
       const Vec a_value(a[i * a_row_stride + kk * a_k_stride]);
 #pragma GCC unroll 8
-      for (int j = 0; j < VECTORS; ++j) acc[i][j] = at::vec::fmadd(a_value, b_row[j], acc[i][j]);
+      for (int j = 0; j < VECTORS; ++j) {
+        if constexpr (kCompensated) {
+          const Vec product = a_value * b_row[j];
+          const Vec product_error = at::vec::fmsub(a_value, b_row[j], product);
+          const Vec sum = acc[i][j] + product;
+          const Vec product_part = sum - acc[i][j];
+          const Vec sum_error = (acc[i][j] - (sum - product_part)) + (product - product_part);
+          compensation[i][j] = compensation[i][j] + (sum_error + product_error);
+          acc[i][j] = sum;
+        } else {
+          acc[i][j] = at::vec::fmadd(a_value, b_row[j], acc[i][j]);
+        }
+      }
     }
   }
 #pragma GCC unroll 8
   for (int i = 0; i < ROWS; ++i) {
 #pragma GCC unroll 8
     for (int j = 0; j < VECTORS; ++j) {
+      if constexpr (kCompensated) acc[i][j] = acc[i][j] + compensation[i][j];
       if constexpr (MODE == Accumulate::kAdd) acc[i][j] = Vec::loadu(c + i * ldc + j * L) + acc[i][j];
       acc[i][j].store(c + i * ldc + j * L);
     }
@@ -139,11 +171,12 @@ inline void gemm(int64_t m, int64_t n, int64_t depth, const T* a, int64_t a_row_
                  const T* row_scale = nullptr) {
   constexpr int L = Vectorized<T>::size();
   const int64_t n_vectors = n / L;
-  for (int64_t j0 = 0; j0 < n_vectors; j0 += kTileVectors) {
-    const int vectors = static_cast<int>(std::min<int64_t>(kTileVectors, n_vectors - j0));
-    for (int64_t i0 = 0; i0 < m; i0 += kTileRows) {
-      const int rows = static_cast<int>(std::min<int64_t>(kTileRows, m - i0));
-      micro_gemm_remainder<T, kTileRows, kTileVectors, MODE>(
+  constexpr int kRows = MicroTile<T>::kRows, kVectors = MicroTile<T>::kVectors;
+  for (int64_t j0 = 0; j0 < n_vectors; j0 += kVectors) {
+    const int vectors = static_cast<int>(std::min<int64_t>(kVectors, n_vectors - j0));
+    for (int64_t i0 = 0; i0 < m; i0 += kRows) {
+      const int rows = static_cast<int>(std::min<int64_t>(kRows, m - i0));
+      micro_gemm_remainder<T, kRows, kVectors, MODE>(
           rows, vectors, depth, a + i0 * a_row_stride, a_row_stride, a_k_stride, b + j0 * L, ldb,
           c + i0 * ldc + j0 * L, ldc, row_scale == nullptr ? nullptr : row_scale + i0);
     }
