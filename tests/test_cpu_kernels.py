@@ -42,7 +42,7 @@ def test_grid(seqlens, window, dtype):
 
 @pytest.mark.parametrize("head_dim, head_dim_v", [(d, d) for d in HEAD_DIMS] + [(40, 24), (80, 128), (1, 3), (256, 1)])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)  # bf16: odd dims pack apart on AMX
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)  # bf16: odd dims pack apart on pair products
 def test_head_dims(head_dim, head_dim_v, causal, dtype):
     q, k, v = make_qkv(1, 2, 2, 113, 129, head_dim, head_dim_v, dtype=dtype, seed=head_dim)
     check_against_oracle(q, k, v, backend=BACKEND, causal=causal)
@@ -168,17 +168,17 @@ def test_one_key_far_above_the_lagging_max(height, dtype):
 
 @pytest.mark.parametrize("window", ["full", "causal"], ids=str)
 def test_long_keys_copied_in_passes(window):
-    """bf16 with 16.5k keys of head dim 256: one kv head's copies exceed the AMX kernels' 16 MiB
-    budget (kv_heads_per_pass), so forward and backward copy and attend one kv head per pass
-    (6 passes here, across both batches and GQA groups); other CPUs run the same test without
-    passes."""
+    """bf16 with 16.5k keys of head dim 256: one kv head's copies exceed the bf16 pair kernels'
+    16 MiB budget (kv_heads_per_pass; AMX or AVX512-BF16), so forward and backward copy and attend
+    one kv head per pass (6 passes here, across both batches and GQA groups); other CPUs run the
+    same test without passes."""
     q, k, v = make_qkv(2, 6, 3, 17, 16500, 256, dtype=torch.bfloat16, seed=12)
     check_against_oracle(q, k, v, backend=BACKEND, **window_kwargs(window, 16500))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_buffers_kept_between_calls_are_rewritten(dtype):
-    """The CPU kernels keep some buffers from call to call (reusable_storage: the AMX forward's
+    """The CPU kernels keep some buffers from call to call (reusable_storage: the bf16 pair forward's
     k / v copies, the backward's dk / dv partial sums). A first call fills them with NaN (NaN
     inputs and dout, head dim 64, 64 queries, 300 keys); the next, smaller one (head dim 40, 50 queries, 77 keys) must write every element it reads (padding
     columns and rows, partial sums zeroed), or those NaN reach its output or gradients."""

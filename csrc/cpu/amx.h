@@ -1,15 +1,21 @@
-// Intel AMX (Advanced Matrix Extensions) building blocks for the bf16 CPU kernels.
+// bf16 pair products for the bf16 CPU kernels: Intel AMX tiles, or AVX512-BF16 vectors.
 //
 // An AMX tile multiply (TDPBF16PS) takes a 16 x 32 bf16 tile A, a 16-row tile B in "VNNI" form
 // (rows of k-pairs: B[k][n] at row k / 2, element 2n + k % 2) and accumulates the 16 x 16 product
-// into an fp32 tile, about ten times the bf16 rate of AVX-512 FMAs. The kernels keep softmax and
-// every accumulation in fp32 and feed AMX only products of bf16 values, as PyTorch's own bf16 CPU
-// attention does.
+// into an fp32 tile, about ten times the bf16 rate of AVX-512 FMAs. VDPBF16PS (AVX512-BF16: AMD
+// Zen 4 and later, Intel Cooper Lake) does the same per vector, one pair of an A row broadcast
+// against 16 columns of a B row pair; it runs at twice the rate of fp32 FMAs on the converted
+// values (one Zen 4 core: 234 against 117 GFLOP/s, benchmarks/cpu_peak.cpp). Both read the
+// same operands, so one set of bf16 kernels (attention_forward_bf16_pairs,
+// attention_backward_bf16_pairs) runs on either through pair_gemm. The kernels keep softmax and
+// every accumulation in fp32 and feed the pair products only products of bf16 values, as
+// PyTorch's own bf16 CPU attention does.
 //
-// The AMX path exists when the compiler targets AMX (-march=native on an AMX machine sets
-// __AMX_TILE__ / __AMX_BF16__) and the kernel lets this process use the tile registers (asked
-// once with arch_prctl); otherwise amx_bf16_available() is false and callers use the AVX-512 /
-// at::vec path.
+// The pair path exists when the compiler targets AVX512-BF16 (-march=native on such a machine
+// sets __AVX512BF16__); it uses AMX when the compiler also targets AMX (__AMX_TILE__ /
+// __AMX_BF16__) and the kernel lets this process use the tile registers (asked once with
+// arch_prctl). Otherwise bf16_pairs_available() is false and callers use the fp32 AVX-512 /
+// at::vec path on converted values.
 #pragma once
 
 #include "cpu/simd.h"  // must precede other ATen headers: it selects at::vec's ISA
@@ -19,11 +25,16 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <type_traits>
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(CPU_CAPABILITY_AVX512) && defined(__linux__)
-#define FASTATTN_HAS_AMX 1
+#if defined(__AVX512BF16__) && defined(CPU_CAPABILITY_AVX512)
+#define FASTATTN_HAS_BF16_PAIRS 1
 #include <immintrin.h>
+#endif
+
+#if defined(FASTATTN_HAS_BF16_PAIRS) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#define FASTATTN_HAS_AMX 1
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
@@ -112,6 +123,87 @@ inline void amx_gemm(int64_t M, int64_t N, int64_t K, const BFloat16* a, int64_t
   }
 }
 
+#else
+
+inline bool amx_bf16_available() { return false; }
+
+#endif  // FASTATTN_HAS_AMX
+
+#if defined(FASTATTN_HAS_BF16_PAIRS)
+
+inline constexpr bool bf16_pairs_available() { return true; }
+
+// amx_gemm's product by VDPBF16PS (same operands, same contract): C tiles of 8 rows x 32 columns
+// in 16 vector accumulators; per pair of k, two 64-byte loads of a B row pair and eight 32-bit
+// broadcasts of A pairs feed 16 multiplies. Column panels outside, rows inside: the K x 32 panel of
+// B stays in L1 while A streams past.
+template <bool ACCUMULATE>
+inline void dpbf16_gemm(int64_t M, int64_t N, int64_t K, const BFloat16* a, int64_t lda, const BFloat16* b_vnni,
+                        int64_t ldb, float* c, int64_t ldc) {
+  constexpr int kRows = 8, kVectors = 2;
+  for (int64_t n0 = 0; n0 < N; n0 += 16 * kVectors) {
+    for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+      __m512 acc[kRows][kVectors];
+#pragma GCC unroll 8
+      for (int i = 0; i < kRows; ++i) {
+#pragma GCC unroll 2
+        for (int j = 0; j < kVectors; ++j) {
+          acc[i][j] = ACCUMULATE ? _mm512_loadu_ps(c + (m0 + i) * ldc + n0 + 16 * j) : _mm512_setzero_ps();
+        }
+      }
+      const BFloat16* a_rows = a + m0 * lda;
+#pragma GCC unroll 4
+      for (int64_t pair = 0; pair < K / 2; ++pair) {
+        const BFloat16* b_row = b_vnni + pair * ldb + 2 * n0;
+        __m512bh b[kVectors];
+#pragma GCC unroll 2
+        for (int j = 0; j < kVectors; ++j) b[j] = (__m512bh)_mm512_loadu_si512(b_row + 32 * j);
+#pragma GCC unroll 8
+        for (int i = 0; i < kRows; ++i) {
+          int32_t a_pair;
+          std::memcpy(&a_pair, a_rows + i * lda + 2 * pair, sizeof(a_pair));
+          const __m512bh a_value = (__m512bh)_mm512_set1_epi32(a_pair);
+#pragma GCC unroll 2
+          for (int j = 0; j < kVectors; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], a_value, b[j]);
+        }
+      }
+#pragma GCC unroll 8
+      for (int i = 0; i < kRows; ++i) {
+#pragma GCC unroll 2
+        for (int j = 0; j < kVectors; ++j) _mm512_storeu_ps(c + (m0 + i) * ldc + n0 + 16 * j, acc[i][j]);
+      }
+    }
+  }
+}
+
+// What a thread of a bf16 pair kernel holds for its lifetime: the AMX tile configuration where
+// AMX is used, nothing otherwise.
+class PairProductScope {
+ public:
+  PairProductScope() {
+#if defined(FASTATTN_HAS_AMX)
+    if (amx_bf16_available()) tiles_.emplace();
+#endif
+  }
+
+ private:
+#if defined(FASTATTN_HAS_AMX)
+  std::optional<AmxTileScope> tiles_;
+#endif
+};
+
+// C[M x N] (fp32) = (ACCUMULATE: +=) A[M x K] (bf16 rows) * B (VNNI bf16, see amx_gemm), M, N and
+// K multiples of 32: AMX tiles where the process may use them, VDPBF16PS otherwise. Needs a
+// PairProductScope on the calling thread.
+template <bool ACCUMULATE>
+inline void pair_gemm(int64_t M, int64_t N, int64_t K, const BFloat16* a, int64_t lda, const BFloat16* b_vnni,
+                      int64_t ldb, float* c, int64_t ldc) {
+#if defined(FASTATTN_HAS_AMX)
+  if (amx_bf16_available()) return amx_gemm<ACCUMULATE>(M, N, K, a, lda, b_vnni, ldb, c, ldc);
+#endif
+  dpbf16_gemm<ACCUMULATE>(M, N, K, a, lda, b_vnni, ldb, c, ldc);
+}
+
 // The 16 values of `even` and the 16 of `odd` rounded to bf16 and interleaved, even first: one
 // 64-byte row of a VNNI B operand (pair of k rows, 16 columns).
 inline __m512i interleave_bf16(__m512 even, __m512 odd) {
@@ -150,9 +242,9 @@ inline void store_transposed_scaled(const float* src_t, int64_t ld, int64_t rows
 
 #else
 
-inline bool amx_bf16_available() { return false; }
+inline constexpr bool bf16_pairs_available() { return false; }
 
-#endif  // FASTATTN_HAS_AMX
+#endif  // FASTATTN_HAS_BF16_PAIRS
 
 // B = src^T in VNNI bf16 form (src: `rows` rows of `cols` elements, row stride src_row_stride):
 // dst[(c / 2) * dst_ld + 2 * r + c % 2] = src[r][c], i.e. a transpose of 32-bit pairs. Rows
@@ -162,7 +254,7 @@ inline void pack_transposed_vnni(const src_t* src, int64_t src_row_stride, int64
                                  int64_t cols, int64_t padded_cols, BFloat16* dst, int64_t dst_ld) {
   for (int64_t pair = 0; 2 * pair < padded_cols; ++pair) std::memset(dst + pair * dst_ld, 0, 2 * padded_rows * sizeof(BFloat16));
   int64_t vector_pairs = 0;  // column pairs already packed by 32-bit gathers
-#if defined(FASTATTN_HAS_AMX)
+#if defined(FASTATTN_HAS_BF16_PAIRS)
   // bf16 sources: a column pair is one 32-bit unit, so 16 rows of it are one gather and one
   // 64-byte store (the scalar loop below costs ~4 instructions per element, as much as the
   // block's tile multiplies at short key ranges).

@@ -22,9 +22,9 @@
 // within a memory budget), so results are bitwise identical run after run and for any thread
 // count. Only blocks inside the window are visited (cost ~ N * window).
 //
-// bf16 inputs run on AMX tiles when the CPU and OS allow it (attention_backward_amx below): the
-// same chunks, tiles and fp32 softmax statistics, with the five products as bf16 x bf16 -> fp32
-// tile multiplies.
+// bf16 inputs run on bf16 pair products (AMX tiles, or AVX512-BF16 vectors without AMX; see
+// amx.h) when the CPU allows it (attention_backward_bf16_pairs below): the same chunks, tiles and
+// fp32 softmax statistics, with the five products as bf16 x bf16 -> fp32 multiplies.
 //
 // Not supported: a gradient flowing into lse (it is returned as non-differentiable).
 #include "cpu/attention_tiles.h"  // first: selects at::vec's ISA
@@ -481,14 +481,14 @@ void attention_backward_kernel(const AttentionParams& p) {
   partials.template reduce_into<scalar_t>(p, scale);
 }
 
-#if defined(FASTATTN_HAS_AMX)
-// The B operands of one query block for the AMX backward, in VNNI bf16 form: q^T and dout^T
+#if defined(FASTATTN_HAS_BF16_PAIRS)
+// The B operands of one query block for the bf16 pair backward, in VNNI bf16 form: q^T and dout^T
 // (k = head dim, for S^T = k q^T and dP^T = v dout^T) and q, dout by pairs of rows (k = queries,
 // for dk += dS^T q and dv += P^T dout). Padding queries and head-dim columns are zero.
-struct AmxQueryPanels {
+struct PairQueryPanels {
   int64_t d_pad, dv_pad, blocks;
   Buffer<BFloat16> q_t, dout_t, q_pairs, dout_pairs;
-  AmxQueryPanels(int64_t batch_heads, int64_t blocks_, int64_t d_pad_, int64_t dv_pad_)
+  PairQueryPanels(int64_t batch_heads, int64_t blocks_, int64_t d_pad_, int64_t dv_pad_)
       : d_pad(d_pad_), dv_pad(dv_pad_), blocks(blocks_), q_t(batch_heads * blocks * d_pad * kBlockQueries),
         dout_t(batch_heads * blocks * dv_pad * kBlockQueries), q_pairs(q_t.size()), dout_pairs(dout_t.size()) {}
   int64_t index(int64_t batch_head, int64_t row0) const { return batch_head * blocks + row0 / kBlockQueries; }
@@ -508,7 +508,7 @@ struct AmxQueryPanels {
 // rows [0, keys) (rows past them are zero), written as bf16 rows (the A operands of
 // dv += P^T dout and dk += dS^T q) and dS^T also by pairs of rows in VNNI form (the B operand of
 // dq^T += k^T dS^T).
-inline void amx_probabilities_and_dscores(const float* scores_t, const float* dprobs_t, int64_t keys,
+inline void pair_probabilities_and_dscores(const float* scores_t, const float* dprobs_t, int64_t keys,
                                           const float* lse_log2, const float* delta, float scale_log2,
                                           BFloat16* probs, BFloat16* dscores, BFloat16* dscores_vnni) {
   constexpr int64_t BM = kBlockQueries;
@@ -533,15 +533,15 @@ inline void amx_probabilities_and_dscores(const float* scores_t, const float* dp
   }
 }
 
-// The bf16 backward on AMX: attention_backward_kernel's chunks and tiles, with q^T, dout^T and
+// The bf16 backward on pair products (AMX or AVX512-BF16, pair_gemm): attention_backward_kernel's chunks and tiles, with q^T, dout^T and
 // the pairs of q / dout rows packed once per query block, k, v and k^T once per (batch, kv head)
 // (zero-padded to whole blocks, so tiles never read past the inputs), and the five products
 //   S^T = k q^T,  dP^T = v dout^T,  dv += P^T dout,  dk += dS^T q,  dq^T += k^T dS^T
-// as tile multiplies accumulating in fp32.
-void attention_backward_amx(const AttentionParams& p) {
+// as pair products accumulating in fp32.
+void attention_backward_bf16_pairs(const AttentionParams& p) {
   constexpr int64_t BM = kBlockQueries;
   constexpr int64_t BN = kBlockKeys;
-  static_assert(BM % 32 == 0 && BN % 32 == 0, "AMX blocks are multiples of 32");
+  static_assert(BM % 32 == 0 && BN % 32 == 0, "pair-product blocks are multiples of 32");
   constexpr float kLog2e = 1.4426950408889634f;
   const int64_t D = p.head_dim, Dv = p.head_dim_v;
   const int64_t D_pad = round_up(D, 32), Dv_pad = round_up(Dv, 32);
@@ -567,7 +567,7 @@ void attention_backward_amx(const AttentionParams& p) {
       int64_t(sizeof(BFloat16)) * (group * Nq_pad * 2 * (D_pad + Dv_pad) + key_rows * (2 * D_pad + Dv_pad)) +
       int64_t(sizeof(float)) * group * Nq_pad * 2;
   const int64_t heads_per_pass = kv_heads_per_pass(p, bytes_per_kv_head);
-  AmxQueryPanels panels(heads_per_pass * group, query_blocks, D_pad, Dv_pad);
+  PairQueryPanels panels(heads_per_pass * group, query_blocks, D_pad, Dv_pad);
   Buffer<float> delta(heads_per_pass * group * Nq_pad, 0.0f);
   Buffer<float> lse_log2(heads_per_pass * group * Nq_pad, std::numeric_limits<float>::infinity());
   Buffer<BFloat16> k_rows(heads_per_pass * key_rows * D_pad, BFloat16(0.0f));
@@ -578,7 +578,7 @@ void attention_backward_amx(const AttentionParams& p) {
   const ChunkPlan chunks(p, (D_pad + Dv_pad) * int64_t(sizeof(float)));
   Partials<float> partials(p, chunks, D_pad, Dv_pad);
   struct Workspace {
-    AmxTileScope tiles;
+    PairProductScope products;
     Buffer<float> scores_t, dprobs_t, dq_t;
     Buffer<BFloat16> probs, dscores, dscores_vnni;
     explicit Workspace(int64_t D_pad)
@@ -636,19 +636,19 @@ void attention_backward_amx(const AttentionParams& p) {
             const int64_t keys = std::min(BN, p.seqlen_k - key0);
             if (all_keys_padded(p, batch, key0, keys)) continue;
             float* s_t = w.scores_t.data();
-            amx_gemm<false>(BN, BM, D_pad, k_head + key0 * D_pad, D_pad, panels.q_t_at(q_slot, row0), 2 * BM, s_t,
+            pair_gemm<false>(BN, BM, D_pad, k_head + key0 * D_pad, D_pad, panels.q_t_at(q_slot, row0), 2 * BM, s_t,
                             BM);
             mask_scores(p, batch, key0, keys, row0, rows, BM, s_t);
-            amx_gemm<false>(BN, BM, Dv_pad, v_head + key0 * Dv_pad, Dv_pad, panels.dout_t_at(q_slot, row0), 2 * BM,
+            pair_gemm<false>(BN, BM, Dv_pad, v_head + key0 * Dv_pad, Dv_pad, panels.dout_t_at(q_slot, row0), 2 * BM,
                             w.dprobs_t.data(), BM);
-            amx_probabilities_and_dscores(s_t, w.dprobs_t.data(), keys, lse_log2.data() + q_slot * Nq_pad + row0,
+            pair_probabilities_and_dscores(s_t, w.dprobs_t.data(), keys, lse_log2.data() + q_slot * Nq_pad + row0,
                                           delta.data() + q_slot * Nq_pad + row0, scale_log2, w.probs.data(),
                                           w.dscores.data(), w.dscores_vnni.data());
-            amx_gemm<true>(BN, Dv_pad, BM, w.probs.data(), BM, panels.dout_pairs_at(q_slot, row0), 2 * Dv_pad,
+            pair_gemm<true>(BN, Dv_pad, BM, w.probs.data(), BM, panels.dout_pairs_at(q_slot, row0), 2 * Dv_pad,
                            key_sums.dv_block(key0), Dv_pad);
-            amx_gemm<true>(BN, D_pad, BM, w.dscores.data(), BM, panels.q_pairs_at(q_slot, row0), 2 * D_pad,
+            pair_gemm<true>(BN, D_pad, BM, w.dscores.data(), BM, panels.q_pairs_at(q_slot, row0), 2 * D_pad,
                            key_sums.dk_block(key0), D_pad);
-            amx_gemm<true>(D_pad, BM, BN, k_t_head + key0, key_rows, w.dscores_vnni.data(), 2 * BM, w.dq_t.data(),
+            pair_gemm<true>(D_pad, BM, BN, k_t_head + key0, key_rows, w.dscores_vnni.data(), 2 * BM, w.dq_t.data(),
                            BM);
           }
           store_transposed_scaled(w.dq_t.data(), BM, rows, D, dq_scale.data(),
@@ -660,7 +660,7 @@ void attention_backward_amx(const AttentionParams& p) {
   }
   partials.reduce_into<BFloat16>(p, scale);
 }
-#endif  // FASTATTN_HAS_AMX
+#endif  // FASTATTN_HAS_BF16_PAIRS
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -672,9 +672,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
   at::Tensor dv = empty_in_layout_of(v, v.size(3));
   const AttentionParams params = make_backward_params(dout, q, k, v, out, lse, key_padding_mask, dq, dk,
                                                       dv, scale, window_left, window_right);
-#if defined(FASTATTN_HAS_AMX)
-  if (q.scalar_type() == at::kBFloat16 && amx_bf16_available()) {
-    attention_backward_amx(params);
+#if defined(FASTATTN_HAS_BF16_PAIRS)
+  if (q.scalar_type() == at::kBFloat16 && bf16_pairs_available()) {
+    attention_backward_bf16_pairs(params);
     return {dq, dk, dv};
   }
 #endif

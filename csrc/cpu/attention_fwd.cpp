@@ -13,8 +13,9 @@
 // whole vectors, then acc = diag(alpha) acc + P v with the rescale fused into the product. The
 // N x N score matrix is never stored; memory is O(N * D).
 //
-// bf16 inputs run on AMX tiles when the CPU and OS allow it (attention_forward_amx below): the same
-// blocks and the same fp32 softmax, with the two products in bf16 x bf16 -> fp32 tile multiplies.
+// bf16 inputs run on bf16 pair products (AMX tiles, or AVX512-BF16 vectors without AMX; see
+// amx.h) when the CPU allows it (attention_forward_bf16_pairs below): the same blocks and the same
+// fp32 softmax, with the two products as bf16 x bf16 -> fp32 multiplies.
 //
 // Not supported: dropout, attention bias other than the window and key padding, head dims > 256.
 #include "cpu/attention_tiles.h"  // first: selects at::vec's ISA
@@ -133,8 +134,8 @@ void attention_forward_kernel(const AttentionParams& p) {
   });
 }
 
-#if defined(FASTATTN_HAS_AMX)
-// online_softmax_step for the AMX path: P^T goes straight into its VNNI bf16 form (pairs of key
+#if defined(FASTATTN_HAS_BF16_PAIRS)
+// online_softmax_step for the bf16 pair path: P^T goes straight into its VNNI bf16 form (pairs of key
 // rows interleaved, the B operand of out^T += v^T P^T) instead of back over the fp32 tile, rows
 // [keys, padded_keys) zero. l sums the unrounded fp32 P, as the fp32 path does. Once every query
 // has a max, the block is first tried at the lagging max without the max pass, as
@@ -175,19 +176,19 @@ inline void online_softmax_step_vnni(const float* scores_t, int64_t keys, int64_
   }
 }
 
-// The bf16 forward on AMX. As attention_forward_kernel, with the tiles' operands in bf16 for the
-// tile multiplies: S^T = k q^T (k rows as A, q^T packed once per query block as B) and
-// out^T = v^T P^T (v^T as A, P^T packed after the fp32 softmax as B), out^T accumulated in fp32
-// and transposed into the output at the end of the block. k and v^T are first copied once per
+// The bf16 forward on pair products (AMX or AVX512-BF16, pair_gemm). As attention_forward_kernel,
+// with the tiles' operands in bf16 for the pair products: S^T = k q^T (k rows as A, q^T packed
+// once per query block as B) and out^T = v^T P^T (v^T as A, P^T packed after the fp32 softmax as
+// B), out^T accumulated in fp32 and transposed into the output at the end of the block. k and v^T are first copied once per
 // (batch, kv head) into zero-padded bf16 buffers, so tiles never read past the inputs and head dims
 // need not be multiples of 32 (the padding contributes zeros).
-void attention_forward_amx(const AttentionParams& p) {
+void attention_forward_bf16_pairs(const AttentionParams& p) {
   constexpr int64_t BM = kBlockQueries;
   // Longer key blocks than the AVX-512 path: each tile multiply of out^T then runs over more keys
-  // per load and store of its accumulator tiles, which dominate at short ones (measured: per 64
-  // keys, 1.96 us at 64-key blocks, 1.72 us at 256).
-  constexpr int64_t BN = kAmxBlockKeys;
-  static_assert(BM % 32 == 0 && BN % 32 == 0, "AMX blocks are multiples of 32");
+  // per load and store of its accumulator tiles, which dominate at short ones (measured on AMX:
+  // per 64 keys, 1.96 us at 64-key blocks, 1.72 us at 256).
+  constexpr int64_t BN = kPairBlockKeys;
+  static_assert(BM % 32 == 0 && BN % 32 == 0, "pair-product blocks are multiples of 32");
   using Vec = Vectorized<float>;
   constexpr int64_t L = Vec::size();
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -218,7 +219,7 @@ void attention_forward_amx(const AttentionParams& p) {
   const int64_t items_per_kv_head = p.kv_group() * ceil_div(p.seqlen_q, BM);
   auto no_workspace = [] { return 0; };
   struct Workspace {
-    AmxTileScope tiles;
+    PairProductScope products;
     Buffer<BFloat16> q_vnni, probs_vnni;
     Buffer<float> scores_t, out_t, row_max, row_sum, rescale;
     Workspace(int64_t D_pad, int64_t Dv_pad)
@@ -271,7 +272,7 @@ void attention_forward_amx(const AttentionParams& p) {
         // The last block of a range is cut to whole 32-key tiles, not computed and masked in full.
         const int64_t tile_keys = round_up(keys, 32);
         float* s_t = w.scores_t.data();
-        amx_gemm<false>(tile_keys, BM, D_pad, k_head + key0 * D_pad, D_pad, w.q_vnni.data(), 2 * BM, s_t, BM);
+        pair_gemm<false>(tile_keys, BM, D_pad, k_head + key0 * D_pad, D_pad, w.q_vnni.data(), 2 * BM, s_t, BM);
         mask_scores(p, block.batch, key0, keys, row0, rows, BM, s_t);
         online_softmax_step_vnni(s_t, keys, tile_keys, scale_log2, w.row_max.data(), w.row_sum.data(),
                                  w.rescale.data(), w.probs_vnni.data());
@@ -283,7 +284,7 @@ void attention_forward_amx(const AttentionParams& p) {
             for (int64_t c = 0; c < BM; c += L) (Vec::loadu(row + c) * Vec::loadu(w.rescale.data() + c)).store(row + c);
           }
         }
-        amx_gemm<true>(Dv_pad, BM, tile_keys, v_t_head + key0, key_rows, w.probs_vnni.data(), 2 * BM, w.out_t.data(),
+        pair_gemm<true>(Dv_pad, BM, tile_keys, v_t_head + key0, key_rows, w.probs_vnni.data(), 2 * BM, w.out_t.data(),
                        BM);
       }
 
@@ -298,7 +299,7 @@ void attention_forward_amx(const AttentionParams& p) {
     });
   }
 }
-#endif  // FASTATTN_HAS_AMX
+#endif  // FASTATTN_HAS_BF16_PAIRS
 
 std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -309,9 +310,9 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(lse_dtype(q.scalar_type())));
   const AttentionParams params =
       make_forward_params(q, k, v, key_padding_mask, out, lse, scale, window_left, window_right);
-#if defined(FASTATTN_HAS_AMX)
-  if (q.scalar_type() == at::kBFloat16 && amx_bf16_available()) {
-    attention_forward_amx(params);
+#if defined(FASTATTN_HAS_BF16_PAIRS)
+  if (q.scalar_type() == at::kBFloat16 && bf16_pairs_available()) {
+    attention_forward_bf16_pairs(params);
     return {out, lse};
   }
 #endif

@@ -29,7 +29,7 @@ namespace fastattn::cpu {
 // accumulator: 16 KiB each) stay in L1/L2 while k and v stream past.
 constexpr int64_t kBlockQueries = 64;
 constexpr int64_t kBlockKeys = 64;
-constexpr int64_t kAmxBlockKeys = 256;  // keys per block of the bf16 AMX path (see amx.h)
+constexpr int64_t kPairBlockKeys = 256;  // keys per block of the bf16 pair-product forward (see amx.h)
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -317,11 +317,11 @@ inline bool all_keys_padded(const AttentionParams& p, int64_t batch, int64_t key
   return true;
 }
 
-// The memory the AMX kernels' per-pass copies may take, and the most that a calling thread
+// The memory the bf16 pair kernels' per-pass copies may take, and the most that a calling thread
 // keeps in one reusable_storage buffer.
 constexpr int64_t kPassBudgetBytes = 16 << 20;
 
-// How many (batch, kv head) pairs the AMX kernels copy and then attend per pass, given the bytes
+// How many (batch, kv head) pairs the bf16 pair kernels copy and then attend per pass, given the bytes
 // their per-pass buffers take per pair: as many as fit in 16 MiB, at least one. Buffers for every
 // head at once (2 x 8 heads x 64k keys x 64 x 2 bytes = 134 MB of k / v^T copies in the forward)
 // are past glibc's 32 MiB mmap threshold, so each call got fresh pages, zeroed by the kernel and
@@ -334,7 +334,7 @@ inline int64_t kv_heads_per_pass(const AttentionParams& p, int64_t bytes_per_kv_
 }
 
 // Storage for `count` elements that the calling thread keeps from one call to the next, one
-// buffer per `slot` (the AMX forward's k / v copies; the backward's dk / dv partial sums).
+// buffer per `slot` (the bf16 pair forward's k / v copies; the backward's dk / dv partial sums).
 // Allocated anew per call, buffers of a few MiB came fresh from mmap every time, and faulting in
 // and zeroing their pages was ~13% of a bf16 forward at N = 1024 (perf, 2-core Xeon). Requests
 // past kPassBudgetBytes (long sequences) are not kept: `local` holds them for this call only.
