@@ -40,9 +40,7 @@ PyObject* PyInit__C(void) {
   const long openmp = 0;
 #endif
   // How the CPU kernels multiply bf16 tiles on this machine: benchmark results depend on it.
-  const char* bf16_products = fastattn::cpu::amx_bf16_available()     ? "AMX"
-                              : fastattn::cpu::bf16_pairs_available() ? "AVX512-BF16"
-                                                                      : "fp32 FMA";
+  const char* bf16_products = fastattn::cpu::bf16_products_name(fastattn::cpu::bf16_products());
   if (PyModule_AddStringConstant(module, "cpu_capability", FASTATTN_CPU_CAPABILITY) < 0 ||
       PyModule_AddStringConstant(module, "cpu_bf16_products", bf16_products) < 0 ||
       PyModule_AddIntConstant(module, "with_cuda", with_cuda ? 1 : 0) < 0 ||

@@ -15,6 +15,7 @@ float32, or float64 for float64 inputs.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Optional
 
 import torch
@@ -48,6 +49,18 @@ def fake_backward(dout, q, k, v, out, lse, key_padding_mask, scale, window_left,
 _cpp_error: Optional[str] = None
 _cpp_loaded = False
 
+# FASTATTN_CPU_BF16_PRODUCTS caps the product path of the bf16 CPU kernels (csrc/cpu/amx.h reads
+# it once, when the library loads): every path a CPU can run is then tested and measured on it.
+BF16_PRODUCTS_VARIABLE = "FASTATTN_CPU_BF16_PRODUCTS"
+BF16_PRODUCTS_CAPS = ("amx", "avx512-bf16", "fp32")
+
+
+def _check_bf16_products_cap() -> None:
+    cap = os.environ.get(BF16_PRODUCTS_VARIABLE)
+    if cap is not None and cap not in BF16_PRODUCTS_CAPS:
+        raise ValueError(f"{BF16_PRODUCTS_VARIABLE}={cap!r}: expected one of {', '.join(BF16_PRODUCTS_CAPS)} "
+                         "(or unset: the fastest path this CPU has)")
+
 
 def load_cpp_library() -> bool:
     """Imports fastattn._C (registering torch.ops.fastattn.fwd/bwd) and their fakes, once.
@@ -55,6 +68,7 @@ def load_cpp_library() -> bool:
     global _cpp_error, _cpp_loaded
     if _cpp_loaded or _cpp_error is not None:
         return _cpp_loaded
+    _check_bf16_products_cap()
     try:
         importlib.import_module("fastattn._C")
     except ImportError as exc:

@@ -1,10 +1,14 @@
 """The C++ CPU kernels (backend="cpp") against the float64 oracle on DESIGN.md's edge-case grid."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import fastattn
-from fastattn import masks
+from fastattn import _ops, masks
 from fastattn.testing import make_qkv, random_padding_mask
 
 from oracle_checks import FULLY_MASKED_CASES, check_against_oracle, check_fully_masked_rows
@@ -215,3 +219,41 @@ def test_float16():
 def test_scale_argument():
     q, k, v = make_qkv(1, 2, 1, 33, 47, 32, seed=6)
     check_against_oracle(q, k, v, backend=BACKEND, scale=0.37, causal=True)
+
+
+# The bf16 product paths, slowest first: FASTATTN_CPU_BF16_PRODUCTS value -> cpu_bf16_products.
+BF16_PRODUCT_PATHS = {"fp32": "fp32 FMA", "avx512-bf16": "AVX512-BF16", "amx": "AMX"}
+# This file's bf16 tests: the dtype id names bf16, and the long-keys test is bf16 only.
+BF16_TESTS = "(bfloat16 or long_keys) and not product_path"
+
+
+def _run_python(args, cap):
+    env = {**os.environ, _ops.BF16_PRODUCTS_VARIABLE: cap}
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.mark.parametrize("cap", ["fp32", "avx512-bf16"])
+def test_bf16_tests_on_a_slower_product_path(cap):
+    """The bf16 kernels take the fastest product path this CPU has (AMX, AVX512-BF16 or fp32 FMA
+    on converted values), so the tests above check only that one. This runs them again in a process
+    capped at each slower path the CPU also has (an AMX CPU runs all three, a Zen 4 two), and
+    first checks that the cap took effect."""
+    paths = list(BF16_PRODUCT_PATHS)
+    own_path = paths[list(BF16_PRODUCT_PATHS.values()).index(fastattn._C.cpu_bf16_products)]
+    if paths.index(cap) >= paths.index(own_path):
+        pytest.skip(f"{BF16_PRODUCT_PATHS[cap]} is not slower than this CPU's own path "
+                    f"({fastattn._C.cpu_bf16_products}), which the tests above run")
+    reported = _run_python(["-c", "import fastattn; print(fastattn._C.cpu_bf16_products)"], cap)
+    assert reported.returncode == 0, reported.stderr
+    assert reported.stdout.strip() == BF16_PRODUCT_PATHS[cap]
+    tests = _run_python(["-m", "pytest", os.path.abspath(__file__), "-q", "-p", "no:cacheprovider",
+                         "-k", BF16_TESTS], cap)
+    assert tests.returncode == 0, tests.stdout[-6000:] + tests.stderr[-2000:]
+    assert " passed" in tests.stdout
+
+
+def test_unknown_bf16_product_path_is_refused():
+    result = _run_python(["-c", "import fastattn"], "avx512")
+    assert result.returncode != 0
+    assert "ValueError" in result.stderr and "FASTATTN_CPU_BF16_PRODUCTS='avx512'" in result.stderr

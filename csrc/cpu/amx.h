@@ -15,17 +15,22 @@
 // sets __AVX512BF16__); it uses AMX when the compiler also targets AMX (__AMX_TILE__ /
 // __AMX_BF16__) and the kernel lets this process use the tile registers (asked once with
 // arch_prctl). Otherwise bf16_pairs_available() is false and callers use the fp32 AVX-512 /
-// at::vec path on converted values.
+// at::vec path on converted values. FASTATTN_CPU_BF16_PRODUCTS=avx512-bf16 or fp32 caps the choice
+// at that path (the environment of the process, read once), so every path this CPU can run is
+// tested and measured on it.
 #pragma once
 
 #include "cpu/simd.h"  // must precede other ATen headers: it selects at::vec's ISA
 
 #include <c10/util/BFloat16.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <string>
 #include <type_traits>
 
 #if defined(__AVX512BF16__) && defined(CPU_CAPABILITY_AVX512)
@@ -45,15 +50,12 @@ using BFloat16 = c10::BFloat16;
 
 #if defined(FASTATTN_HAS_AMX)
 
-// Asks Linux once for permission to use the AMX tile data (ARCH_REQ_XCOMP_PERM for
-// XFEATURE_XTILEDATA); true when granted.
-inline bool amx_bf16_available() {
-  static const bool granted = [] {
-    constexpr long kArchRequestPermission = 0x1023;
-    constexpr long kXFeatureTileData = 18;
-    return syscall(SYS_arch_prctl, kArchRequestPermission, kXFeatureTileData) == 0;
-  }();
-  return granted;
+// Asks Linux for permission to use the AMX tile data (ARCH_REQ_XCOMP_PERM for
+// XFEATURE_XTILEDATA); true when granted. Called once, by bf16_products().
+inline bool request_amx_tiles() {
+  constexpr long kArchRequestPermission = 0x1023;
+  constexpr long kXFeatureTileData = 18;
+  return syscall(SYS_arch_prctl, kArchRequestPermission, kXFeatureTileData) == 0;
 }
 
 // Loads the tile configuration on this thread for its lifetime: the eight tiles all 16 rows of
@@ -123,15 +125,47 @@ inline void amx_gemm(int64_t M, int64_t N, int64_t K, const BFloat16* a, int64_t
   }
 }
 
-#else
-
-inline bool amx_bf16_available() { return false; }
-
 #endif  // FASTATTN_HAS_AMX
 
-#if defined(FASTATTN_HAS_BF16_PAIRS)
+// How the bf16 kernels multiply, from the slowest to the fastest.
+enum class Bf16Products { kFp32Fma, kAvx512Bf16, kAmx };
 
-inline constexpr bool bf16_pairs_available() { return true; }
+inline const char* bf16_products_name(Bf16Products products) {
+  switch (products) {
+    case Bf16Products::kAmx: return "AMX";
+    case Bf16Products::kAvx512Bf16: return "AVX512-BF16";
+    default: return "fp32 FMA";
+  }
+}
+
+// The fastest path that this build and this process can use, at most the cap named by
+// FASTATTN_CPU_BF16_PRODUCTS ("amx", "avx512-bf16", "fp32"; unset or any other value: no cap,
+// fastattn's Python side rejects other values before the library loads). Decided once per process.
+inline Bf16Products bf16_products() {
+  static const Bf16Products chosen = [] {
+    const char* cap_name = std::getenv("FASTATTN_CPU_BF16_PRODUCTS");
+    const std::string cap_value = cap_name == nullptr ? "" : cap_name;
+    const Bf16Products cap = cap_value == "fp32"          ? Bf16Products::kFp32Fma
+                             : cap_value == "avx512-bf16" ? Bf16Products::kAvx512Bf16
+                                                          : Bf16Products::kAmx;
+    Bf16Products best = Bf16Products::kFp32Fma;
+#if defined(FASTATTN_HAS_BF16_PAIRS)
+    best = Bf16Products::kAvx512Bf16;
+#endif
+#if defined(FASTATTN_HAS_AMX)
+    // Asked for only when it may be used: a capped process leaves the tile state off.
+    if (cap == Bf16Products::kAmx && request_amx_tiles()) best = Bf16Products::kAmx;
+#endif
+    return std::min(best, cap);
+  }();
+  return chosen;
+}
+
+inline bool amx_bf16_available() { return bf16_products() == Bf16Products::kAmx; }
+
+inline bool bf16_pairs_available() { return bf16_products() != Bf16Products::kFp32Fma; }
+
+#if defined(FASTATTN_HAS_BF16_PAIRS)
 
 // amx_gemm's product by VDPBF16PS (same operands, same contract): C tiles of 8 rows x 32 columns
 // in 16 vector accumulators; per pair of k, two 64-byte loads of a B row pair and eight 32-bit
@@ -239,10 +273,6 @@ inline void store_transposed_scaled(const float* src_t, int64_t ld, int64_t rows
     }
   }
 }
-
-#else
-
-inline constexpr bool bf16_pairs_available() { return false; }
 
 #endif  // FASTATTN_HAS_BF16_PAIRS
 
