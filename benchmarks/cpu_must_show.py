@@ -29,6 +29,8 @@ Criteria (a ratio is peer time / fastattn time, so > 1 means fastattn is faster)
 A criterion whose peer could not run (e.g. FlexAttention has no CPU backward in torch 2.14) is
 reported "n/a" with the peer's reason, not counted as passed. The checks go to stdout and to
 ``<out>/must_show.md``; each sweep writes its CSV, JSON, summary and plots under ``<out>/<sweep>``.
+The plots need matplotlib, so a run that measures refuses to start without it (the scaling plot is
+one of the things to show); ``--recheck`` draws the plots again from the recorded bench.json.
 """
 
 import argparse
@@ -42,7 +44,8 @@ from typing import List, Optional, Sequence, Tuple
 
 from fastattn.bench import main as bench_main
 from fastattn.bench.ceiling import MatmulRate, attention_shapes, ceiling_table, matmul_rates
-from fastattn.bench.report import Result
+from fastattn.bench.cases import Case
+from fastattn.bench.report import Result, plot
 
 DTYPES = ["fp32", "bf16"]
 HEAD_DIM = 64
@@ -154,6 +157,23 @@ def measure_ceiling(out_dir: str, recheck: bool, ratio_results: Sequence[Result]
     return ceiling_table(rates, attention_rates(ratio_results))
 
 
+def sweep_cases(bench_argv: Sequence[str]) -> List[Case]:
+    """The cases a sweep's bench command line names (the words after ``--cases``)."""
+    start = list(bench_argv).index("--cases") + 1
+    words = []
+    for word in bench_argv[start:]:
+        if word.startswith("--"):
+            break
+        words.append(word)
+    return [Case.parse(word) for word in words]
+
+
+def redraw_plots(results: Sequence[Result], meta: dict, bench_argv: Sequence[str], sweep_dir: str) -> List[str]:
+    """The sweep's PNG plots drawn again from its recorded results (``--recheck``)."""
+    title = f"fastattn.bench on {meta['device']}, B=1 H=8 D={HEAD_DIM}, torch {meta['torch']} (from bench.json)"
+    return plot(results, sweep_cases(bench_argv), sweep_dir, title)
+
+
 def read_results(path: str) -> Tuple[List[Result], dict]:
     """The results and the metadata of a sweep's bench.json."""
     with open(path) as f:
@@ -182,6 +202,12 @@ def main(argv=None) -> int:
     parser.add_argument("--recheck", action="store_true",
                         help="do not measure: check the bench.json files an earlier run left in --out")
     args = parser.parse_args(argv)
+    if not args.recheck:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("the sweeps' plots need matplotlib, and a run without them would have to be repeated: "
+                         "pip install matplotlib (or fastattn[bench])")
     report = []
     ratio_results: List[Result] = []
     for sweep in args.only:
@@ -197,6 +223,7 @@ def main(argv=None) -> int:
         if args.recheck:
             results, meta = read_results(os.path.join(args.out, sweep, "bench.json"))
             bench_argv = meta["command"].split()[3:]
+            redraw_plots(results, meta, bench_argv, os.path.join(args.out, sweep))
         else:
             print(f"== {sweep}: python -m fastattn.bench {' '.join(bench_argv)}", flush=True)
             results = bench_main(bench_argv)

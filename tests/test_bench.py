@@ -4,6 +4,7 @@ the FLOP formula and the chunked oracle. No timing is asserted, only that times 
 import csv
 import dataclasses
 import json
+import sys
 import time
 
 import pytest
@@ -372,3 +373,26 @@ def test_ceiling_stops_a_slow_shape_at_its_time_budget(monkeypatch):
     calls.clear()
     ceiling.matmul_rates([((64, 64, 64), "tiny")], ["fp32"], repeats=5, warmup=1, budget_s=60.0)
     assert len(calls) == 5
+
+
+def test_must_show_recheck_redraws_the_plots_of_a_recorded_sweep(tmp_path):
+    pytest.importorskip("matplotlib")
+    must_show = _load_must_show()
+    assert [c.name for c in must_show.sweep_cases(must_show.SWEEPS["windows"])] == ["window(256,256)", "window(512,0)"]
+    sweep_dir = tmp_path / "scaling"
+    main(TINY + ["--seqlen", "32", "64", "--cases", "window:4,4", "--modes", "fwd", "--quiet", "--repeats", "1",
+                 "--peers", "--out", str(sweep_dir)])
+    for name in ("time_vs_n.png", "tflops_vs_n.png"):
+        (sweep_dir / name).unlink()
+    assert must_show.main(["--out", str(tmp_path), "--recheck", "--only", "scaling"]) == 0
+    for name in ("time_vs_n.png", "tflops_vs_n.png"):
+        assert (sweep_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "fastattn[auto] fp32 window(4,4) fwd" in (tmp_path / "must_show.md").read_text()
+
+
+def test_must_show_refuses_to_measure_without_matplotlib(monkeypatch, capsys):
+    must_show = _load_must_show()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(SystemExit):
+        must_show.main(["--out", "unused", "--only", "scaling"])
+    assert "need matplotlib" in capsys.readouterr().err
