@@ -170,7 +170,9 @@ def sweep_cases(bench_argv: Sequence[str]) -> List[Case]:
 
 def redraw_plots(results: Sequence[Result], meta: dict, bench_argv: Sequence[str], sweep_dir: str) -> List[str]:
     """The sweep's PNG plots drawn again from its recorded results (``--recheck``)."""
-    title = f"fastattn.bench on {meta['device']}, B=1 H=8 D={HEAD_DIM}, torch {meta['torch']} (from bench.json)"
+    first = results[0]
+    title = (f"fastattn.bench on {meta['device']}, B={first.batch} H={first.heads} D={first.head_dim}, "
+             f"torch {meta['torch']} (from bench.json)")
     return plot(results, sweep_cases(bench_argv), sweep_dir, title)
 
 
