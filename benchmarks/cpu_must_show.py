@@ -42,9 +42,8 @@ import sys
 from collections import OrderedDict
 from typing import List, Optional, Sequence, Tuple
 
-from fastattn.bench import main as bench_main
+from fastattn.bench import main as bench_main, parse_args
 from fastattn.bench.ceiling import MatmulRate, attention_shapes, ceiling_table, matmul_rates
-from fastattn.bench.cases import Case
 from fastattn.bench.report import Result, plot
 
 DTYPES = ["fp32", "bf16"]
@@ -157,23 +156,12 @@ def measure_ceiling(out_dir: str, recheck: bool, ratio_results: Sequence[Result]
     return ceiling_table(rates, attention_rates(ratio_results))
 
 
-def sweep_cases(bench_argv: Sequence[str]) -> List[Case]:
-    """The cases a sweep's bench command line names (the words after ``--cases``)."""
-    start = list(bench_argv).index("--cases") + 1
-    words = []
-    for word in bench_argv[start:]:
-        if word.startswith("--"):
-            break
-        words.append(word)
-    return [Case.parse(word) for word in words]
-
-
 def redraw_plots(results: Sequence[Result], meta: dict, bench_argv: Sequence[str], sweep_dir: str) -> List[str]:
     """The sweep's PNG plots drawn again from its recorded results (``--recheck``)."""
     first = results[0]
     title = (f"fastattn.bench on {meta['device']}, B={first.batch} H={first.heads} D={first.head_dim}, "
              f"torch {meta['torch']} (from bench.json)")
-    return plot(results, sweep_cases(bench_argv), sweep_dir, title)
+    return plot(results, parse_args(bench_argv).cases, sweep_dir, title)
 
 
 def read_results(path: str) -> Tuple[List[Result], dict]:

@@ -378,7 +378,6 @@ def test_ceiling_stops_a_slow_shape_at_its_time_budget(monkeypatch):
 def test_must_show_recheck_redraws_the_plots_of_a_recorded_sweep(tmp_path):
     pytest.importorskip("matplotlib")
     must_show = _load_must_show()
-    assert [c.name for c in must_show.sweep_cases(must_show.SWEEPS["windows"])] == ["window(256,256)", "window(512,0)"]
     sweep_dir = tmp_path / "scaling"
     main(TINY + ["--seqlen", "32", "64", "--cases", "window:4,4", "--modes", "fwd", "--quiet", "--repeats", "1",
                  "--peers", "--out", str(sweep_dir)])
