@@ -91,14 +91,15 @@ inline void pack_rows(const src_t* src, int64_t src_row_stride, int64_t rows, in
 template <typename src_t, typename dst_t>
 inline void pack_rows_transposed(const src_t* src, int64_t src_row_stride, int64_t rows,
                                  int64_t padded_rows, int64_t cols, dst_t* dst, int64_t dst_ld) {
-  int64_t whole_rows = 0, whole_cols = 0;  // the part done in 16 x 16 register transposes
-#if defined(CPU_CAPABILITY_AVX512)
+  int64_t whole_rows = 0, whole_cols = 0;  // the part done in register transposes
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<src_t, float> && std::is_same_v<dst_t, float>) {
-    whole_rows = rows / 16 * 16;
-    whole_cols = cols / 16 * 16;
-    for (int64_t r0 = 0; r0 < whole_rows; r0 += 16) {
-      for (int64_t c0 = 0; c0 < whole_cols; c0 += 16) {
-        transpose_16x16(src + r0 * src_row_stride + c0, src_row_stride, dst + c0 * dst_ld + r0, dst_ld);
+    constexpr int64_t kSize = kRegisterTransposeSize;
+    whole_rows = rows / kSize * kSize;
+    whole_cols = cols / kSize * kSize;
+    for (int64_t r0 = 0; r0 < whole_rows; r0 += kSize) {
+      for (int64_t c0 = 0; c0 < whole_cols; c0 += kSize) {
+        transpose_in_registers(src + r0 * src_row_stride + c0, src_row_stride, dst + c0 * dst_ld + r0, dst_ld);
       }
     }
   }
