@@ -226,7 +226,7 @@ inline Vectorized<float> exp2(Vectorized<float> x) { return exp2_avx512(x, kExp2
 inline Vectorized<float> exp2_for_bf16(Vectorized<float> x) { return exp2_avx512(x, kExp2Bf16Coefficients); }
 #elif defined(CPU_CAPABILITY_AVX2)
 // 2^f on [-1/2, 1/2], for n = round(x): degree 5, within 2.0 ulp (0.7 on average) in float
-// arithmetic, as the AVX-512 polynomial; fitted for relative error with the constant term 1.
+// arithmetic, like the AVX-512 polynomial; fitted for relative error with the constant term 1.
 constexpr float kExp2Coefficients[6] = {1.0f, 0.6931470036506653f, 0.24022231996059418f, 0.05550685152411461f,
                                         0.009671973995864391f, 0.0013277654070407152f};
 
@@ -354,8 +354,8 @@ inline void transpose_in_registers(const float* src, int64_t src_ld, float* dst,
     pairs[r] = _mm256_unpacklo_ps(rows[r], rows[r + 1]);
     pairs[r + 1] = _mm256_unpackhi_ps(rows[r], rows[r + 1]);
   }
-  // Lane l of rows[4g + m] is then column 4l + m of the four rows 4g..4g+3 (0x44 takes the low
-  // 64-bit halves of both sources, 0xee the high ones).
+  // Lane l of rows[g + m] (g = 0, 4) is then column 4l + m of the four rows g..g+3 (0x44 takes
+  // the low 64-bit halves of both sources, 0xee the high ones).
 #pragma GCC unroll 2
   for (int g = 0; g < 8; g += 4) {
     for (int h = 0; h < 2; ++h) {
