@@ -230,19 +230,16 @@ inline void exponentiate_scores(T* scores_t, int64_t keys, Vectorized<T> scale_l
   using Vec = Vectorized<T>;
   constexpr int64_t L = Vec::size();
   constexpr int kVectors = kBlockQueries / L;
-  // float: kExp2Interleave vectors per exp2_each call (see there); double: one.
-  constexpr int kInterleave = std::is_same_v<T, float> ? kExp2Interleave : 1;
+  constexpr int kInterleave = kExp2Interleave<T>;  // vectors per exp2_each call (see there)
   static_assert(kVectors % kInterleave == 0, "query blocks must be whole interleaved groups");
   for (int64_t j = 0; j < keys; ++j) {
     for (int v0 = 0; v0 < kVectors; v0 += kInterleave) {
       T* s = scores_t + j * kBlockQueries + v0 * L;
       Vec prob[kInterleave];
-      for (int g = 0; g < kInterleave; ++g) prob[g] = multiply_subtract(Vec::loadu(s + g * L), scale_log2, shift[v0 + g]);
-      if constexpr (kInterleave > 1) {
-        exp2_each<kInterleave>(prob);
-      } else {
-        prob[0] = exp2(prob[0]);
+      for (int g = 0; g < kInterleave; ++g) {
+        prob[g] = multiply_subtract(Vec::loadu(s + g * L), scale_log2, shift[v0 + g]);
       }
+      exp2_each<kInterleave>(prob);
       for (int g = 0; g < kInterleave; ++g) {
         prob[g].store(s + g * L);
         sum[v0 + g] = sum[v0 + g] + prob[g];

@@ -273,7 +273,6 @@ inline void exp2_each(Vectorized<float>* x) {
     x[g] = _mm256_mul_ps(poly[g], _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(biased[g]), 23)));
   }
 }
-constexpr int kExp2Interleave = 4;
 
 inline Vectorized<float> exp2(Vectorized<float> x) {
   exp2_each<1>(&x);
@@ -302,15 +301,6 @@ inline Vectorized<float> exp2(Vectorized<float> x) {
 }
 #endif
 
-#if !defined(CPU_CAPABILITY_AVX2)
-// One vector after another (interleaving is measured only for the AVX2 version above).
-template <int COUNT>
-inline void exp2_each(Vectorized<float>* x) {
-  for (int g = 0; g < COUNT; ++g) x[g] = exp2(x[g]);
-}
-constexpr int kExp2Interleave = 1;
-#endif
-
 inline Vectorized<double> exp2(Vectorized<double> x) {
   using Vec = Vectorized<double>;
   // ln(2)^k / k!, k = 0..13: truncation error at |f| = 1/2 is 4e-18, below double's rounding.
@@ -329,6 +319,20 @@ inline Vectorized<double> exp2(Vectorized<double> x) {
   const Vectorized<int64_t> exponent = at::vec::convert_to_int_of_same_size(n) + Vectorized<int64_t>(1023);
   return poly * at::vec::cast<double>(exponent << Vectorized<int64_t>(52));
 }
+
+// exp2 of COUNT vectors, one after another: double, and float where no interleaved version
+// exists (the AVX2 float overload above is the more specialized one and wins). Callers pass
+// kExp2Interleave<T> vectors at a time, the count measured best for their type and build.
+template <int COUNT, typename T>
+inline void exp2_each(Vectorized<T>* x) {
+  for (int g = 0; g < COUNT; ++g) x[g] = exp2(x[g]);
+}
+template <typename T>
+constexpr int kExp2Interleave = 1;
+#if defined(CPU_CAPABILITY_AVX2)
+template <>
+constexpr int kExp2Interleave<float> = 4;
+#endif
 
 // transpose_in_registers: dst[c * dst_ld + r] = src[r * src_ld + c] for one square block of
 // kRegisterTransposeSize floats a side (16 with AVX-512, 8 with AVX2; the portable build has none
