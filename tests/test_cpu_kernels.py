@@ -253,6 +253,25 @@ def test_bf16_tests_on_a_slower_product_path(cap):
     assert " passed" in tests.stdout
 
 
+# The tests run again on poisoned workspaces: every shape class of the grid (lengths not whole
+# blocks, partial query groups, padding head dims, strided rows, key padding, windows, GQA).
+POISONED_TESTS = ("head_dims or query_groups or key_padding or non_contiguous or fully_masked or gqa "
+                  "or backward_key_ring or (grid and (17x113 or 113x17 or 1x1025))")
+
+
+def test_workspaces_are_written_before_they_are_read():
+    """The kernels' workspaces start uninitialized (UninitializedBuffer), so every element that a
+    call reads must be one it wrote. Fresh memory is mostly zero, which would hide a read of an
+    unwritten accumulator (it is multiplied by a zero rescale first); this runs the oracle tests
+    above in a process whose such storage starts as NaN (FASTATTN_CPU_POISON_WORKSPACES=1)."""
+    env = {**os.environ, "FASTATTN_CPU_POISON_WORKSPACES": "1"}
+    tests = subprocess.run([sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-p", "no:cacheprovider",
+                            "-k", POISONED_TESTS], env=env, capture_output=True, text=True,
+                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert tests.returncode == 0, tests.stdout[-6000:] + tests.stderr[-2000:]
+    assert " passed" in tests.stdout
+
+
 def test_unknown_bf16_product_path_is_refused():
     result = _run_python(["-c", "import fastattn"], "avx512")
     assert result.returncode != 0

@@ -14,8 +14,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <new>
+#include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -38,7 +41,18 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // bf16 forward's inner loop per 64 x 64 block took 2.15 us with std::vector workspaces and 1.30 us
 // with aligned ones (tile stores of the score tile and vector loads of it both split).
 // VALUE_INITIALIZE false leaves the elements that a resize adds uninitialized (std::vector zeroes
-// them), for storage whose every element the kernel writes before it reads it.
+// them), for storage whose every element the kernel writes before it reads it. Fresh memory is
+// often zero, so a read of an unwritten element would mostly pass unseen: with the environment
+// variable FASTATTN_CPU_POISON_WORKSPACES=1 (for tests) such storage starts as all-ones bytes,
+// NaN in every floating-point type, which then reaches the results.
+inline bool poison_uninitialized_storage() {
+  static const bool poison = [] {
+    const char* value = std::getenv("FASTATTN_CPU_POISON_WORKSPACES");
+    return value != nullptr && std::string(value) == "1";
+  }();
+  return poison;
+}
+
 template <typename T, bool VALUE_INITIALIZE = true>
 struct CacheLineAllocator {
   using value_type = T;
@@ -50,7 +64,11 @@ struct CacheLineAllocator {
   CacheLineAllocator() = default;
   template <typename U>
   CacheLineAllocator(const CacheLineAllocator<U, VALUE_INITIALIZE>&) {}
-  T* allocate(std::size_t count) { return static_cast<T*>(::operator new(count * sizeof(T), kAlignment)); }
+  T* allocate(std::size_t count) {
+    T* storage = static_cast<T*>(::operator new(count * sizeof(T), kAlignment));
+    if (!VALUE_INITIALIZE && poison_uninitialized_storage()) std::memset(storage, 0xff, count * sizeof(T));
+    return storage;
+  }
   void deallocate(T* pointer, std::size_t) { ::operator delete(pointer, kAlignment); }
   template <typename U>
   void construct(U* pointer) {
@@ -132,8 +150,9 @@ inline void transpose_rows(const T* src, int64_t src_row_stride, int64_t rows, i
 // per row per step) or is a B operand whose rows are dense and a whole number of vectors. A B
 // operand's rows are re-read by every row tile, so strided rows (e.g. the (B, N, H, D) layout,
 // rows H * D apart, often a multiple of 1 KiB) would fall into few L1 sets; those, and other
-// dtypes, are converted into `buffer` (row stride buffer_ld, whose padding columns the caller
-// keeps zero). Returns the operand and sets *ld to its row stride.
+// dtypes, are converted into `buffer` (row stride buffer_ld, padding columns [cols, buffer_ld)
+// zeroed, so that callers' workspaces need no zeroing). Returns the operand and sets *ld to its
+// row stride.
 template <typename scalar_t, typename acc_t>
 inline const acc_t* rows_operand(const scalar_t* src, int64_t src_row_stride, int64_t rows, int64_t cols,
                                  bool b_operand, acc_t* buffer, int64_t buffer_ld, int64_t* ld) {
@@ -144,6 +163,7 @@ inline const acc_t* rows_operand(const scalar_t* src, int64_t src_row_stride, in
     }
   }
   pack_rows(src, src_row_stride, rows, cols, buffer, buffer_ld);
+  for (int64_t r = 0; r < rows; ++r) std::fill(buffer + r * buffer_ld + cols, buffer + (r + 1) * buffer_ld, acc_t(0));
   *ld = buffer_ld;
   return buffer;
 }
