@@ -18,7 +18,6 @@
 #include <cstring>
 #include <limits>
 #include <new>
-#include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -48,7 +47,7 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline bool poison_uninitialized_storage() {
   static const bool poison = [] {
     const char* value = std::getenv("FASTATTN_CPU_POISON_WORKSPACES");
-    return value != nullptr && std::string(value) == "1";
+    return value != nullptr && std::strcmp(value, "1") == 0;
   }();
   return poison;
 }
